@@ -1,0 +1,31 @@
+"""Phi-3.5-vision (and Phi-3-vision) for current transformers, without remote code.
+
+`import phi3v` registers the classes for model_type ``phi3_v`` with transformers' Auto classes, so
+that the official checkpoint folders (or hub ids) load with the usual calls:
+
+    import phi3v  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained("microsoft/Phi-3.5-vision-instruct", dtype="auto")
+    processor = AutoProcessor.from_pretrained("microsoft/Phi-3.5-vision-instruct", num_crops=4)
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+
+from .configuration_phi3_v import Phi3VConfig
+from .modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
+from .processing_phi3_v import Phi3VImageProcessor, Phi3VProcessor, num_image_tokens
+
+AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
+AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
+AutoImageProcessor.register(Phi3VConfig, slow_image_processor_class=Phi3VImageProcessor, exist_ok=True)
+AutoProcessor.register(Phi3VConfig, Phi3VProcessor, exist_ok=True)
+
+__all__ = [
+    "Phi3VConfig",
+    "Phi3VForCausalLM",
+    "Phi3VModel",
+    "Phi3VImageProcessor",
+    "Phi3VProcessor",
+    "num_image_tokens",
+]

@@ -1,0 +1,342 @@
+"""Phi-3-vision / Phi-3.5-vision on transformers' own Phi-3 decoder and CLIP vision modules.
+
+Checkpoint layout (unchanged from the official release, so weights load and save both ways):
+
+    model.embed_tokens.weight                              token embedding (shared with the image embedder)
+    model.layers.N.*, model.norm.weight, lm_head.weight    transformers' Phi-3 decoder
+    model.vision_embed_tokens.img_processor.vision_model.* transformers' CLIP vision modules
+    model.vision_embed_tokens.glb_GN / sub_GN              learnable separators
+    model.vision_embed_tokens.img_projection.{0,2}.*       MLP projector (Linear, GELU, Linear)
+
+How an image becomes tokens (the processor has already made the HD crops):
+
+    crops [1 + h*w real, 3, 336, 336]  --CLIP, hidden state layer_idx (-2), CLS dropped-->  [n, 576, C]
+    each crop: 24x24 patches -> 2x2 neighbours concatenated -> 12x12 tokens of 4C
+    sub-crops stitched row-major into a (12h x 12w) grid, sub_GN appended to every row
+    tokens = [sub grid + separators] + [glb_GN] + [global crop 12x12 + separators] -> img_projection
+
+The processor marks image positions with negative ids (-k for image k), one per image token; the
+features are written into those positions in row-major order over (batch, sequence).
+
+Differences from the official remote code, none of which changes a number:
+
+* Only the real crops (1 + h*w of each image's num_crops + 1 slots) go through CLIP, in one batch
+  for all images; the official code also encodes the zero padding crops and throws them away.
+* CLIP runs only the layers the features need (23 of 24 for layer_idx -2). The last layer and the
+  post-layernorm stay in the checkpoint but get `requires_grad=False`, since they never receive a
+  gradient (this is what lets DDP run without `find_unused_parameters`).
+* With labels in training mode, the loss uses the logits of the supervised positions only (the
+  fp32 logits of the whole sequence are never built) and is normalised by `num_items_in_batch`
+  when the Trainer passes it, i.e. per token across gradient accumulation. `logits` is then None.
+* A training step on a batch without images still touches the vision tower (x0), so distributed
+  runs where only some ranks see images do not hang.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+
+from .configuration_phi3_v import Phi3VConfig
+
+CROP_SIZE = 336
+MAX_INPUT_ID = int(1e9)  # ids in (-1e9, 0) are image positions, as in the official processor
+
+
+class Phi3VVisionTower(nn.Module):
+    """CLIP vision transformer (transformers' modules), keyed like the official `vision_model`."""
+
+    def __init__(self, vision_config):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(vision_config)
+        self.pre_layrnorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.encoder = CLIPEncoder(vision_config)
+        self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+
+    def hidden_state(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Hidden state after `num_layers` encoder layers (== CLIP's `hidden_states[num_layers]`)."""
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers[:num_layers]:
+            hidden = layer(hidden, None)
+        return hidden
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """Turns HD crops into projected image tokens and writes them into the token embeddings."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        dim = vision_config.hidden_size
+        self.image_dim_out = dim
+        self.num_tokens_per_crop = config.img_processor.get("num_img_tokens", 144)
+        # ModuleDict only to keep the official key prefix `img_processor.vision_model.`.
+        self.img_processor = nn.ModuleDict({"vision_model": Phi3VVisionTower(vision_config)})
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim * 4))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim * 4))
+        self.img_projection = nn.Sequential(
+            nn.Linear(dim * 4, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+        )
+        self.drop = nn.Dropout(config.embd_pdrop)
+
+        # hidden_states has num_layers + 1 entries (the embeddings first), so layer_idx -2 means
+        # "after layer 23 of 24". Layers past that one, and the post-layernorm, never contribute.
+        num_layers = vision_config.num_hidden_layers
+        self.num_vision_layers_used = config.vision_layer_idx % (num_layers + 1)
+        tower = self.img_processor["vision_model"]
+        for unused in [*tower.encoder.layers[self.num_vision_layers_used :], tower.post_layernorm]:
+            unused.requires_grad_(False)
+
+    @property
+    def vision_tower(self) -> Phi3VVisionTower:
+        return self.img_processor["vision_model"]
+
+    def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """[n, 3, 336, 336] -> [n, 576, C]: patch features without the CLS token."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        hidden = self.vision_tower.hidden_state(crops.to(dtype), self.num_vision_layers_used)
+        return hidden[:, 1:]
+
+    @staticmethod
+    def _merge_2x2(features: torch.Tensor) -> torch.Tensor:
+        """[n, 576, C] -> [n, 12, 12, 4C]: each 2x2 block of patches concatenated along channels."""
+        n, num_patches, dim = features.shape
+        side = int(num_patches**0.5)
+        merged = features.reshape(n, side // 2, 2, side // 2, 2, dim).permute(0, 1, 3, 2, 4, 5)
+        return merged.reshape(n, side // 2, side // 2, 4 * dim)
+
+    def _with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
+        """[H, W, 4C] -> [H * (W + 1), 4C], with sub_GN closing every row."""
+        rows = grid.shape[0]
+        separators = self.sub_GN.reshape(1, 1, -1).expand(rows, 1, -1)
+        return torch.cat([grid, separators], dim=1).reshape(-1, grid.shape[-1])
+
+    def image_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Projected tokens of all images, concatenated in order: [sum of tokens per image, hidden]."""
+        if pixel_values.dim() != 5 or pixel_values.shape[2:] != (3, CROP_SIZE, CROP_SIZE):
+            raise ValueError(
+                f"pixel_values must be [num_images, num_crops + 1, 3, 336, 336], got {tuple(pixel_values.shape)}"
+            )
+        image_sizes = torch.as_tensor(image_sizes).reshape(-1, 2).tolist()
+        if len(image_sizes) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images in pixel_values but {len(image_sizes)} image_sizes")
+        grids = [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes]
+        for (rows, cols), slots in zip(grids, [pixel_values.shape[1]] * len(grids)):
+            if rows * cols + 1 > slots:
+                raise ValueError(f"image_sizes ask for {rows}x{cols} crops but pixel_values has {slots} slots")
+
+        # Encode only the real crops: slot 0 (global image) + rows*cols sub-crops of each image.
+        real = [pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)]
+        features = self.crop_features(torch.cat(real, dim=0))
+        features = self._merge_2x2(features)
+
+        tokens, start = [], 0
+        glb_gn = self.glb_GN.reshape(1, -1)
+        for rows, cols in grids:
+            global_crop, sub_crops = features[start], features[start + 1 : start + 1 + rows * cols]
+            start += 1 + rows * cols
+            side = global_crop.shape[0]
+            sub_grid = sub_crops.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
+            sub_grid = sub_grid.reshape(rows * side, cols * side, -1)
+            tokens += [self._with_row_separators(sub_grid), glb_gn, self._with_row_separators(global_crop)]
+        projection_in = torch.cat(tokens, dim=0)
+        first = self.img_projection[0]
+        return self.img_projection(projection_in.to(device=first.bias.device, dtype=first.bias.dtype))
+
+    def vision_anchor(self) -> torch.Tensor:
+        """A zero that depends on every trainable vision parameter (for batches without images)."""
+        dummy = torch.zeros(1, 1, 3, CROP_SIZE, CROP_SIZE, device=self.glb_GN.device, dtype=self.glb_GN.dtype)
+        sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]])
+        return self.image_tokens(dummy.expand(1, 2, -1, -1, -1), sizes).sum() * 0.0
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        embed_tokens: nn.Embedding,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        is_image = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
+        hidden = embed_tokens(input_ids.clamp(min=0, max=embed_tokens.num_embeddings - 1))
+        num_positions = int(is_image.sum())
+        if num_positions == 0:
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                hidden = hidden + self.vision_anchor().to(hidden.dtype)
+            return hidden
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                f"input_ids hold {num_positions} image positions (negative ids) but no pixel_values/image_sizes were given."
+            )
+        features = self.image_tokens(pixel_values, image_sizes)
+        if features.shape[0] != num_positions:
+            raise ValueError(
+                f"The images give {features.shape[0]} image tokens but input_ids hold {num_positions} image positions. "
+                "Every <|image_k|> tag must be expanded by the processor with the same images and num_crops, "
+                "and image tokens must never be truncated."
+            )
+        hidden = hidden.index_put(is_image.nonzero(as_tuple=True), features.to(hidden.dtype))
+        return self.drop(hidden)
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CLIPVisionEmbeddings):
+            std = module.config.initializer_range
+            init.normal_(module.class_embedding, mean=0.0, std=module.embed_dim**-0.5)
+            init.normal_(module.patch_embedding.weight, std=std)
+            init.normal_(module.position_embedding.weight, std=std)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, Phi3VImageEmbedding):
+            init.zeros_(module.glb_GN)  # as the official initialisation
+            init.zeros_(module.sub_GN)
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        # The CLIP modules read the backend from the vision sub-config, which transformers only fills
+        # for sub-models that are PreTrainedModels: give it the decoder's choice.
+        if config.vision_config._attn_implementation is None:
+            config.vision_config._attn_implementation_internal = config._attn_implementation
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            inputs_embeds = self.vision_embed_tokens(input_ids, self.embed_tokens, pixel_values, image_sizes)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Positions restart after padding, so each row of a padded batch gives what it gives alone.
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            positions = attention_mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(attention_mask == 0, 1)
+            position_ids = positions[:, past : past + inputs_embeds.shape[1]]
+        return super().forward(
+            input_ids=None,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi-3.5-vision: `Phi3VModel` + `lm_head`, with `generate()` support.
+
+    Inputs are what `Phi3VProcessor` returns: `input_ids` (negative ids at image positions),
+    `attention_mask`, `pixel_values` [num_images, num_crops + 1, 3, 336, 336] and `image_sizes`
+    [num_images, 2] for all images of the batch in reading order. `labels` use -100 (any negative
+    value) for positions without loss.
+    """
+
+    _tied_weights_keys = {}
+    # Some ports store the shared embedding a second time under the image embedder.
+    _keys_to_ignore_on_load_unexpected = [r"model\.vision_embed_tokens\.wte\.weight"]
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3PreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+
+        loss = logits = None
+        if labels is not None and self.training:
+            loss = self.supervised_loss(hidden, labels, num_items_in_batch)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+            if labels is not None:
+                loss = self.supervised_loss(hidden, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def supervised_loss(
+        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over the positions whose label is >= 0.
+
+        Only those positions go through `lm_head` (in fp32 for the softmax), so memory does not grow
+        with the prompt and image length. Summed, then divided by `num_items_in_batch` (the Trainer's
+        count of supervised tokens over the whole accumulated batch) or by the local count.
+        """
+        targets = labels[:, 1:].to(hidden.device)
+        supervised = targets >= 0
+        selected_hidden = hidden[:, :-1][supervised]
+        logits = self.lm_head(selected_hidden).float()
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        if num_items_in_batch is None:
+            return loss / supervised.sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        step_ids = model_inputs.get("input_ids")
+        # The images are needed whenever image positions are (re)computed: the first step, and the
+        # step where the cache is dropped because the sequence crossed the short/long RoPE switch.
+        if pixel_values is not None and step_ids is not None and bool((step_ids < 0).any()):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_sizes"] = image_sizes
+        else:
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("image_sizes", None)
+        return model_inputs

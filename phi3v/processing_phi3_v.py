@@ -1,0 +1,317 @@
+"""Image processor and processor of Phi-3.5-vision, with PIL and torch only (no torchvision).
+
+HD transform (as the official `HD_transform`): turn the image so it is wider than tall, pick the
+largest `scale` with `scale * ceil(scale / ratio) <= num_crops`, resize (PIL bilinear) to width
+`scale * 336` keeping the aspect ratio, pad the height with white to a multiple of 336 (centred),
+turn it back. The padded picture is normalised with the CLIP mean/std and cut into 336x336 crops
+in row-major order; a bicubic 336x336 resize of the whole normalised picture comes first (the
+global crop). Every image gets `num_crops + 1` slots; unused slots are zeros.
+
+`num_crops` is an upper bound on the number of crops, and the number of image tokens depends only
+on the image size and `num_crops` (see `num_image_tokens`), so sequence lengths can be known
+without decoding pixels.
+
+The processor expands every `<|image_k|>` tag into `num_image_tokens` copies of the id `-k` and
+tokenizes each text chunk separately, so every chunk starts with `<s>`, exactly as the official
+processor does. It also takes a batch: a list of prompts with a list of images per prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+CROP_SIZE = 336
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+
+
+def hd_transform_size(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, padded width, padded height) of the HD transform."""
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    transposed = width < height
+    if transposed:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    new_w = int(scale * CROP_SIZE)
+    new_h = max(int(new_w / ratio), 1)
+    padded_h = math.ceil(new_h / CROP_SIZE) * CROP_SIZE
+    if transposed:
+        return new_h, new_w, padded_h, new_w
+    return new_w, new_h, new_w, padded_h
+
+
+def num_image_tokens(width: int, height: int, num_crops: int, tokens_per_crop: int = 144) -> int:
+    """Number of image tokens one image of `width` x `height` pixels takes at `num_crops`."""
+    _, _, padded_w, padded_h = hd_transform_size(width, height, num_crops)
+    rows, cols = padded_h // CROP_SIZE, padded_w // CROP_SIZE
+    side = int(math.isqrt(tokens_per_crop))  # 12 merged patches per crop side
+    return (rows * cols + 1) * tokens_per_crop + 1 + (rows + 1) * side
+
+
+class Phi3VImageProcessor(BaseImageProcessor):
+    r"""HD crop transform of Phi-3-vision.
+
+    Args:
+        num_crops (`int`, defaults to 4): upper bound on the number of 336x336 sub-crops per image
+            (the model card: 4 for multi-frame inputs, 16 for single images).
+        image_mean, image_std (`list[float]`): normalisation (OpenAI CLIP values).
+        do_convert_rgb (`bool`): convert every image to RGB first (always done, as the official code).
+        num_img_tokens (`int`): tokens per crop after the 2x2 merge (144).
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+
+    def __init__(
+        self,
+        num_crops: int = 4,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        do_convert_rgb: bool = True,
+        num_img_tokens: int = 144,
+        **kwargs,
+    ):
+        kwargs.pop("auto_map", None)  # points at the official remote code; not needed here
+        super().__init__(**kwargs)
+        if int(num_crops) < 1:
+            raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+        self.num_crops = int(num_crops)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.do_convert_rgb = do_convert_rgb
+        self.num_img_tokens = num_img_tokens
+
+    def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
+        return num_image_tokens(width, height, num_crops or self.num_crops, self.num_img_tokens)
+
+    def hd_transform(self, image: Image.Image, num_crops: int) -> torch.Tensor:
+        """One PIL image -> normalised, padded HD picture [3, H, W] (H and W multiples of 336)."""
+        image = image.convert("RGB")
+        new_w, new_h, padded_w, padded_h = hd_transform_size(image.width, image.height, num_crops)
+        resized = image.resize((new_w, new_h), Image.BILINEAR)
+        canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
+        # Padding is centred along the padded side, the remainder at the bottom (or right).
+        canvas.paste(resized, ((padded_w - new_w) // 2, (padded_h - new_h) // 2))
+        pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(self.image_mean, dtype=pixels.dtype)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=pixels.dtype)[:, None, None]
+        return pixels.sub_(mean).div_(std)
+
+    def crops(self, hd: torch.Tensor, num_crops: int) -> torch.Tensor:
+        """Normalised HD picture -> [num_crops + 1, 3, 336, 336]: global, sub-crops, zero slots."""
+        _, height, width = hd.shape
+        rows, cols = height // CROP_SIZE, width // CROP_SIZE
+        global_crop = F.interpolate(hd.unsqueeze(0), size=(CROP_SIZE, CROP_SIZE), mode="bicubic")
+        sub_crops = hd.reshape(3, rows, CROP_SIZE, cols, CROP_SIZE).permute(1, 3, 0, 2, 4)
+        sub_crops = sub_crops.reshape(rows * cols, 3, CROP_SIZE, CROP_SIZE)
+        slots = torch.zeros(num_crops + 1, 3, CROP_SIZE, CROP_SIZE, dtype=hd.dtype)
+        slots[0] = global_crop[0]
+        slots[1 : 1 + rows * cols] = sub_crops
+        return slots
+
+    def preprocess(self, images, num_crops: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Images (one or a list of PIL images) -> pixel_values, image_sizes (padded h, w), num_img_tokens."""
+        num_crops = int(num_crops or self.num_crops)
+        if num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+        if isinstance(images, Image.Image):
+            images = [images]
+        pixel_values, image_sizes, tokens = [], [], []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"Phi3VImageProcessor takes PIL images, got {type(image).__name__}")
+            hd = self.hd_transform(image, num_crops)
+            pixel_values.append(self.crops(hd, num_crops))
+            image_sizes.append([hd.shape[1], hd.shape[2]])
+            tokens.append(self.num_image_tokens(image.width, image.height, num_crops))
+        if pixel_values:
+            data = {"pixel_values": torch.stack(pixel_values), "image_sizes": torch.tensor(image_sizes)}
+        else:
+            data = {
+                "pixel_values": torch.zeros(0, num_crops + 1, 3, CROP_SIZE, CROP_SIZE),
+                "image_sizes": torch.zeros(0, 2, dtype=torch.long),
+            }
+        data["num_img_tokens"] = tokens
+        return BatchFeature(data=data)
+
+    __call__ = preprocess
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["image_processor_type"] = "Phi3VImageProcessor"
+        out["auto_map"] = {
+            "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
+            "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
+        }
+        return out
+
+
+class Phi3VProcessor(ProcessorMixin):
+    r"""Tokenizer + `Phi3VImageProcessor`.
+
+    `processor(text, images)` takes either one prompt and a flat list of images, or a list of
+    prompts and a list of image lists (one per prompt; an empty list or None for text-only
+    prompts). Image tags `<|image_1|>`..`<|image_n|>` number the images of each prompt. Returns
+    `input_ids` (negative ids at image positions), `attention_mask`, and, when there are images,
+    `pixel_values` and `image_sizes` for all images in reading order.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    special_image_token = "<|image|>"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        if chat_template is None and tokenizer is not None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def num_crops(self) -> int:
+        return self.image_processor.num_crops
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, num_crops: int | None = None, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if num_crops is not None:
+            if int(num_crops) < 1:
+                raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+            processor.image_processor.num_crops = int(num_crops)
+        return processor
+
+    def __call__(
+        self,
+        text=None,
+        images=None,
+        padding: bool | str = False,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        num_crops: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        if text is None:
+            raise ValueError("Phi3VProcessor needs `text` (a prompt, or a list of prompts).")
+        batched = not isinstance(text, str)
+        prompts = list(text) if batched else [text]
+        per_prompt_images = self._images_per_prompt(prompts, images, batched)
+
+        sequences, all_images = [], []
+        for row, (prompt, prompt_images) in enumerate(zip(prompts, per_prompt_images)):
+            ids = self._prompt_ids(prompt, prompt_images, num_crops, row if batched else None)
+            if max_length is not None and truncation and len(ids) > max_length:
+                if any(i < 0 for i in ids[max_length:]) or prompt_images:
+                    raise ValueError(
+                        f"prompt{f' {row}' if batched else ''} has {len(ids)} tokens, more than max_length="
+                        f"{max_length}, and holds images: image tokens are never truncated; drop or shorten the sample."
+                    )
+                ids = ids[:max_length]
+            sequences.append(ids)
+            all_images.extend(prompt_images)
+
+        data = self._pad(sequences, padding, max_length)
+        if all_images:
+            image_inputs = self.image_processor(all_images, num_crops=num_crops)
+            data["pixel_values"] = image_inputs["pixel_values"]
+            data["image_sizes"] = image_inputs["image_sizes"]
+        if return_tensors == "pt":
+            data = {
+                k: (torch.tensor(v, dtype=torch.long) if isinstance(v, list) else v) for k, v in data.items()
+            }
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
+        return BatchFeature(data=data)
+
+    @staticmethod
+    def _images_per_prompt(prompts, images, batched):
+        if images is None:
+            return [[] for _ in prompts]
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        if not batched:
+            return [images]
+        if all(isinstance(x, (list, tuple)) or x is None for x in images):
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+            return [list(x or []) for x in images]
+        # A flat list for a batch: hand the images out in order, as many as each prompt has tags.
+        out, start = [], 0
+        for prompt in prompts:
+            count = len(set(IMAGE_TAG.findall(prompt)))
+            out.append(images[start : start + count])
+            start += count
+        if start != len(images):
+            raise ValueError(f"the prompts have {start} distinct image tags but {len(images)} images were given")
+        return out
+
+    def _prompt_ids(self, prompt: str, images: list, num_crops: int | None, row: int | None) -> list[int]:
+        where = f"prompt {row}" if row is not None else "prompt"
+        tags = [int(t) for t in IMAGE_TAG.findall(prompt)]
+        if not tags:
+            if images:
+                raise ValueError(f"{where} has {len(images)} images but no <|image_k|> tag")
+            return self.tokenizer(prompt).input_ids
+        distinct = sorted(set(tags))
+        if distinct != list(range(1, len(distinct) + 1)):
+            raise ValueError(f"{where}: image tags must be numbered 1..n without gaps, got {tags}")
+        if len(tags) != len(distinct):
+            raise ValueError(f"{where}: each image tag may appear once, got {tags}")
+        if len(distinct) != len(images):
+            raise ValueError(f"{where} has {len(distinct)} image tags but {len(images)} images")
+        crops = num_crops or self.image_processor.num_crops
+        counts = [self.image_processor.num_image_tokens(im.width, im.height, crops) for im in images]
+        chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(prompt)[::2]]
+        ids = list(chunks[0])
+        for tag, chunk in zip(tags, chunks[1:]):
+            ids += [-tag] * counts[tag - 1]
+            ids += chunk  # every chunk keeps its own <s>, as in the official processor
+        return ids
+
+    def _pad(self, sequences: list[list[int]], padding, max_length) -> dict:
+        if padding is True or padding == "longest":
+            target = max(len(s) for s in sequences)
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            target = max(max_length, max(len(s) for s in sequences))
+        elif padding in (False, None, "do_not_pad"):
+            if len({len(s) for s in sequences}) > 1:
+                raise ValueError("prompts of different lengths need padding=True")
+            target = len(sequences[0])
+        else:
+            raise ValueError(f"unknown padding={padding!r}")
+        pad_id = self.tokenizer.pad_token_id
+        left = self.tokenizer.padding_side == "left"
+        input_ids, attention_mask = [], []
+        for seq in sequences:
+            fill = target - len(seq)
+            input_ids.append([pad_id] * fill + seq if left else seq + [pad_id] * fill)
+            mask = [1] * len(seq)
+            attention_mask.append([0] * fill + mask if left else mask + [0] * fill)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]

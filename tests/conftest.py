@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random Phi-3.5-vision with the real tokenizer, and a script runner.
+
+Everything runs offline on CPU: no hub, no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """`python -m phi3v.tiny` output (num_crops 4 in preprocessor_config.json)."""
+    from phi3v.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3v"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def run_script():
+    """Run a top-level script as users do; returns the CompletedProcess (stdout+stderr in .stdout).
+
+    nproc=None: `python script.py ...` (one process, no distributed env);
+    nproc="single": one process with the torch.distributed variables set (DeepSpeed needs them);
+    nproc=N: `torchrun --nproc_per_node=N script.py ...`.
+    """
+
+    def run(script: str, *args, nproc=None, env=None, timeout=900, check=True):
+        args = [str(a) for a in args]
+        extra = dict(env or {})
+        if nproc is None:
+            cmd = [sys.executable, str(REPO / script), *args]
+        elif nproc == "single":
+            extra.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+            cmd = [sys.executable, str(REPO / script), *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", str(REPO / script), *args]
+            extra.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.run(cmd, cwd=REPO, env=script_env(extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-8000:]}")
+        return proc
+
+    return run

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from .configuration_phi3_v import Phi3VConfig
 from .modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
 from .processing_phi3_v import Phi3VImageProcessor, Phi3VProcessor, num_image_tokens
+from .training import fix_4bit_cpu_gradients, lora_target_modules
 
 AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
@@ -28,4 +29,6 @@ __all__ = [
     "Phi3VImageProcessor",
     "Phi3VProcessor",
     "num_image_tokens",
+    "lora_target_modules",
+    "fix_4bit_cpu_gradients",
 ]

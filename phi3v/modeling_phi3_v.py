@@ -88,6 +88,9 @@ class Phi3VImageEmbedding(nn.Module):
         # "after layer 23 of 24". Layers past that one, and the post-layernorm, never contribute.
         num_layers = vision_config.num_hidden_layers
         self.num_vision_layers_used = config.vision_layer_idx % (num_layers + 1)
+        self.freeze_unused_vision_layers()
+
+    def freeze_unused_vision_layers(self):
         tower = self.img_processor["vision_model"]
         for unused in [*tower.encoder.layers[self.num_vision_layers_used :], tower.post_layernorm]:
             unused.requires_grad_(False)
@@ -263,6 +266,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters, which resets requires_grad.
+        model.model.vision_embed_tokens.freeze_unused_vision_layers()
+        return model
 
     def forward(
         self,

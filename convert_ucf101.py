@@ -1,0 +1,331 @@
+"""Turn the UCF101 subset (or your own videos) into the multi-image layout the UCF101 recipe trains on.
+
+Each video becomes 8 uniformly spaced frames (JPEG) and one jsonl line whose single conversation turn
+asks for the action class:
+
+    out_dir/images/{split}/{Class}/{video_stem}.{k}.jpg          k = 0..7
+    out_dir/ucf101_{split}.jsonl                                 one line per video:
+        {"id": "train-0000000000", "source": "ucf101",
+         "conversations": [{"images": ["train/Archery/v_Archery_g01_c01.0.jpg", ...],
+                            "user": "Classify the video into one of the following classes: ApplyEyeMakeup, ...",
+                            "assistant": "Archery"}]}
+
+Image paths are relative to `out_dir/images`. Ids count over all videos in the order train, val, test
+(so the first val id follows the last train id), as in the original converter.
+
+Usage:
+
+    # download UCF101_subset.tar.gz (171 MB, 10 classes, 405 videos) from the hub dataset
+    # sayakpaul/ucf101-subset and convert it to ./ucf101
+    python convert_ucf101.py
+
+    # your own videos: an archive (.tar.gz/.tgz/.tar/.zip) or a folder laid out <split>/<Class>/<video>
+    # (optionally under one top folder), any container PyAV reads (.avi .mp4 .mkv .webm .mov)
+    python convert_ucf101.py --src my_videos/ --out_dir my_dataset --num_frames 8
+
+    # then
+    python finetune_hf_trainer_ucf101.py --data_dir ./ucf101 ...
+
+Splits: `train` is required; `val` (the recipe evaluates on it) and `test` are converted when present.
+Class labels are the sorted class folder names over all splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+HUB_REPO_ID = "sayakpaul/ucf101-subset"
+HUB_FILENAME = "UCF101_subset.tar.gz"
+# Adapt: the question asked for every clip. The class list is appended to it.
+PROMPT_PREFIX = "Classify the video into one of the following classes: "
+
+
+class InvalidVideo(Exception):
+    """A video PyAV cannot open or decode."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--src",
+        default=None,
+        help="local archive (.tar.gz/.tgz/.tar/.zip) or folder laid out <split>/<Class>/<video>; "
+        f"default: download {HUB_FILENAME} from the hub dataset {HUB_REPO_ID}",
+    )
+    parser.add_argument("--out_dir", default="./ucf101", help="output folder (default ./ucf101)")
+    parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video (default 8)")
+    parser.add_argument(
+        "--skip_invalid",
+        action="store_true",
+        help="skip videos PyAV cannot read (they are listed at the end) instead of stopping with an error",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow a non-empty out_dir: its images/ folder and ucf101_*.jsonl files are replaced",
+    )
+    parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.num_frames < 1:
+        parser.error(f"--num_frames must be >= 1, got {args.num_frames}")
+    if args.src is not None and not Path(args.src).exists():
+        parser.error(f"--src {args.src} does not exist")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out_dir {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        parser.error(f"--out_dir {out_dir} is not empty; pass --overwrite to replace its images/ and ucf101_*.jsonl")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Source: hub download, archive or folder
+# ---------------------------------------------------------------------------------------------
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def extract(archive: Path, dest: Path) -> None:
+    print(f"extracting {archive} to {dest}")
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tf:
+            # The "data" filter refuses absolute paths, links out of dest and device files.
+            tf.extractall(dest, filter="data")
+
+
+def find_root(folder: Path) -> Path:
+    """The folder that holds train/: `folder` itself or its only sub-folder (e.g. UCF101_subset/)."""
+    if (folder / "train").is_dir():
+        return folder
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        return subdirs[0]
+    raise SystemExit(
+        f"error: no train/ folder in {folder}: expected <split>/<Class>/<video> "
+        "(splits train, val, test), optionally under a single top folder such as UCF101_subset/"
+    )
+
+
+def list_videos(root: Path) -> dict[str, list[tuple[str, Path]]]:
+    """{split: [(class name, video path), ...]} in a stable order (classes, then files, sorted)."""
+    videos = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        items = []
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(
+                p
+                for p in class_dir.iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_EXTENSIONS
+            )
+            stems = {}
+            for path in files:
+                if path.stem in stems:
+                    raise SystemExit(
+                        f"error: {stems[path.stem]} and {path} would write the same frame files "
+                        f"({split}/{class_dir.name}/{path.stem}.k.jpg); rename one of them"
+                    )
+                stems[path.stem] = path
+            items += [(class_dir.name, path) for path in files]
+        videos[split] = items
+    if not videos.get("train"):
+        raise SystemExit(f"error: no videos found under {root / 'train'} (expected train/<Class>/<video>)")
+    return videos
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------------------------
+
+
+def frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """The original sampling: `num_frames` evenly spaced indices starting at frame 0.
+
+    Videos shorter than `num_frames` repeat frames, so every clip still gives `num_frames` images.
+    """
+    indices = np.arange(0, total_frames, total_frames / num_frames).astype(int)
+    return [int(i) for i in indices[:num_frames]]
+
+
+def count_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def decode_frames(path: Path, indices: list[int]) -> dict[int, Image.Image]:
+    """Decode from the start and keep the frames at `indices` (RGB PIL images)."""
+    wanted, last = set(indices), max(indices)
+    frames = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = Image.fromarray(frame.to_ndarray(format="rgb24")).convert("RGB")
+            if i >= last:
+                break
+    return frames
+
+
+def sample_frames(path: Path, num_frames: int) -> list[Image.Image]:
+    """`num_frames` frames of one video; raises InvalidVideo when PyAV cannot read it."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InvalidVideo("no video stream")
+            total = container.streams.video[0].frames
+        if total <= 0:
+            # Some containers (mkv, webm) do not store the frame count: decode once to count.
+            total = count_frames(path)
+        if total <= 0:
+            raise InvalidVideo("no decodable frames")
+        indices = frame_indices(total, num_frames)
+        frames = decode_frames(path, indices)
+        if len(frames) < len(set(indices)):
+            # The header promised more frames than the stream holds: sample from what is there.
+            real_total = count_frames(path)
+            if real_total <= 0:
+                raise InvalidVideo("no decodable frames")
+            print(f"warning: {path} reports {total} frames but holds {real_total}; sampling from {real_total}")
+            indices = frame_indices(real_total, num_frames)
+            frames = decode_frames(path, indices)
+            if len(frames) < len(set(indices)):
+                raise InvalidVideo("frame count changed between two decodes")
+    except InvalidVideo:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
+        raise InvalidVideo(f"{type(e).__name__}: {e}") from e
+    return [frames[i] for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out_dir: Path) -> bool:
+    """Create out_dir (returns True if it did) and remove the outputs of an earlier conversion."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Only our own outputs are removed, never other files the user keeps there.
+    shutil.rmtree(out_dir / "images", ignore_errors=True)
+    for old in out_dir.glob("ucf101_*.jsonl"):
+        old.unlink()
+    return created
+
+
+def convert(root: Path, out_dir: Path, num_frames: int, skip_invalid: bool, show_progress: bool = True) -> dict:
+    videos = list_videos(root)
+    class_labels = sorted({label for items in videos.values() for label, _ in items})
+    prompt = PROMPT_PREFIX + ", ".join(class_labels) + "."
+    print(f"{len(class_labels)} classes: {', '.join(class_labels)}")
+    print("videos: " + ", ".join(f"{split} {len(items)}" for split, items in videos.items()))
+
+    created = prepare_out_dir(out_dir)
+    image_root = out_dir / "images"
+    records = {split: [] for split in videos}
+    invalid = []
+    index = 0
+    total = sum(len(items) for items in videos.values())
+    try:
+        with tqdm(total=total, desc="videos", unit="video", disable=not show_progress) as bar:
+            for split, items in videos.items():
+                for label, path in items:
+                    bar.update(1)
+                    try:
+                        frames = sample_frames(path, num_frames)
+                    except InvalidVideo as e:
+                        if not skip_invalid:
+                            raise SystemExit(
+                                f"error: cannot read video {path}: {e}\n"
+                                "(pass --skip_invalid to leave out the videos PyAV cannot read)"
+                            ) from None
+                        invalid.append((path, str(e)))
+                        continue
+                    rel_dir = f"{split}/{label}"
+                    (image_root / rel_dir).mkdir(parents=True, exist_ok=True)
+                    rel_paths = []
+                    for k, frame in enumerate(frames):
+                        rel = f"{rel_dir}/{path.stem}.{k}.jpg"
+                        frame.save(image_root / rel)
+                        rel_paths.append(rel)
+                    # Adapt: more turns can be appended to "conversations" (the trainer supports multi-turn).
+                    records[split].append(
+                        {
+                            "id": f"{split}-{index:010d}",
+                            "source": "ucf101",
+                            "conversations": [{"images": rel_paths, "user": prompt, "assistant": label}],
+                        }
+                    )
+                    index += 1
+    except BaseException:
+        # Leave no half-written dataset behind (out_dir was empty of our outputs when we started).
+        shutil.rmtree(image_root, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+    if not records.get("train"):
+        shutil.rmtree(image_root, ignore_errors=True)
+        raise SystemExit("error: no readable training video; nothing written")
+    for split, split_records in records.items():
+        with open(out_dir / f"ucf101_{split}.jsonl", "w") as f:
+            for record in split_records:
+                f.write(json.dumps(record) + "\n")
+    if invalid:
+        print(f"skipped {len(invalid)} unreadable video(s):")
+        for path, reason in invalid:
+            print(f"  {path}: {reason}")
+    print(
+        f"wrote {index} videos x {num_frames} frames to {out_dir}: "
+        + ", ".join(f"ucf101_{split}.jsonl ({len(r)})" for split, r in records.items())
+    )
+    return {"class_labels": class_labels, "records": records, "invalid": invalid}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tmp_dir = Path(tempfile.mkdtemp(prefix="ucf101-"))
+    try:
+        if args.src is None:
+            from huggingface_hub import hf_hub_download
+
+            archive = Path(hf_hub_download(repo_id=HUB_REPO_ID, filename=HUB_FILENAME, repo_type="dataset"))
+            extract(archive, tmp_dir)
+            root = find_root(tmp_dir)
+        else:
+            src = Path(args.src)
+            if src.is_dir():
+                root = find_root(src)
+            elif is_archive(src):
+                extract(src, tmp_dir)
+                root = find_root(tmp_dir)
+            else:
+                raise SystemExit(f"error: --src {src} is neither a folder nor a .tar.gz/.tgz/.tar/.zip archive")
+        convert(root, Path(args.out_dir), args.num_frames, args.skip_invalid, show_progress=args.tqdm)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,674 @@
+"""Fine-tune Phi-3.5-vision on NLVR2: two images, one true/false statement per turn.
+
+Data: `HuggingFaceM4/the_cauldron`, config `nlvr2` (columns `images`: exactly 2 images, `texts`: a
+list of turns {user, assistant, source}). As in Microsoft's cookbook recipe, the first 500 rows of its
+only split are held out for evaluation (`--eval_size`) and the rest is trained on. Every turn of a
+conversation is trained: the first turn carries both images, `<|image_1|><|image_2|>\\n{statement}`;
+later turns are text only. Evaluation asks the first statement of each held-out row and reports
+exact-match accuracy (the answers are "True" / "False"), before and after training. Rows without
+exactly 2 images (or without any turn) are skipped with a printed count and their row numbers;
+training rows longer than `--max_length` tokens are dropped with a printed count.
+
+Launch (one node, 8 GPUs; full fine-tuning uses DeepSpeed ZeRO-2 from ds_configs/zero2.json):
+
+    torchrun --nproc_per_node=8 finetune_hf_trainer_nlvr2.py --bf16 --use_flash_attention \\
+        --batch_size 64 --batch_size_per_gpu 2 --learning_rate 1e-5 --num_train_epochs 3 --output_dir out-nlvr2
+
+Several nodes: add `--nnodes N --node_rank R --master_addr HOST --master_port PORT` to torchrun on every
+node. One process (one GPU, or CPU for a smoke test): `python finetune_hf_trainer_nlvr2.py ...` works as
+is, DeepSpeed included (the script sets the single-process rendezvous variables itself).
+
+Hardware suggestions:
+  * A100 / H100 (80 GB): `--bf16 --use_flash_attention`, full fine-tuning. The cookbook reports 89.4%
+    accuracy with `--batch_size 64 --learning_rate 1e-5 --num_train_epochs 3` on 4 GPUs, and 89.2% with
+    `--freeze_vision_model --learning_rate 2e-5 --num_train_epochs 2`.
+  * V100 (no bf16, no flash attention): fp16 mixed precision with sdpa attention (the default without
+    `--bf16`); full fine-tuning needs 32 GB cards, else use `--use_lora`.
+  * Consumer GPUs (24 GB or less): `--use_qlora --bf16` (Ampere or newer; drop `--bf16` on older cards),
+    `--num_crops 4` and `--batch_size_per_gpu 1` to keep sequences short.
+
+A quick CPU check of the whole pipeline (tiny random model from `python -m phi3v.tiny`):
+
+    python finetune_hf_trainer_nlvr2.py --model_name_or_path tiny-phi3v --dataset_path my_nlvr2_copy \\
+        --max_steps 2 --batch_size 2 --num_crops 1 --eval_size 4 --dataloader_num_workers 0
+
+Outputs in `--output_dir`: the model (full fine-tuning) or the LoRA adapter, the processor,
+`eval_before.json` / `eval_after.json` (accuracy and per-sample predictions), `log_history.json`
+(losses, learning rate, images/s and tokens/s), checkpoints with `--save_steps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+DATASET_NAME = "HuggingFaceM4/the_cauldron"
+DATASET_CONFIG = "nlvr2"
+IGNORE_INDEX = -100
+IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_configs" / "zero2.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Fine-tune Phi-3.5-vision on NLVR2 (two images per sample).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # Model and precision
+    parser.add_argument("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct",
+                        help="hub id or local folder")
+    parser.add_argument("--use_flash_attention", action="store_true",
+                        help="flash_attention_2 (needs flash-attn, CUDA, --bf16)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights and mixed precision (else fp16 AMP on GPU, fp32 on CPU)")
+    parser.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
+    # LoRA / QLoRA
+    parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of the full model")
+    parser.add_argument("--use_qlora", action="store_true", help="LoRA on a 4-bit (nf4) base model; implies --use_lora")
+    parser.add_argument("--lora_rank", type=int, default=64)
+    parser.add_argument("--lora_alpha_ratio", type=float, default=2, help="lora_alpha = round(lora_rank * ratio)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="LoRA runs: also write a merged full model to output_dir/merged")
+    parser.add_argument("--freeze_vision_model", action="store_true", help="do not train the CLIP tower and projector")
+    # Optimisation
+    parser.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch size (over all GPUs and accumulation)")
+    parser.add_argument("--batch_size_per_gpu", type=int, default=1, help="micro batch per device")
+    parser.add_argument("--num_train_epochs", type=float, default=1)
+    parser.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
+    parser.add_argument("--learning_rate", type=float, default=4.0e-5)
+    parser.add_argument("--wd", type=float, default=0.01, help="weight decay")
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--deepspeed",
+        default=str(DEFAULT_DS_CONFIG),
+        help="DeepSpeed config for full fine-tuning ('' or 'none' = plain DDP); LoRA/QLoRA never use it",
+    )
+    # Output, logging, checkpoints
+    parser.add_argument("--output_dir", default="./output/")
+    parser.add_argument("--no-tqdm", dest="no_tqdm", action="store_true", help="disable progress bars")
+    parser.add_argument("--logging_steps", type=int, default=10)
+    parser.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
+    parser.add_argument("--save_steps", type=int, default=0,
+                        help="0 = only the final save; > 0 = resumable checkpoints")
+    parser.add_argument("--save_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    parser.add_argument("--resume_from_checkpoint", default=None,
+                        help="checkpoint folder, or 'latest' (newest in output_dir)")
+    # Data
+    parser.add_argument("--dataset_path", default=None,
+                        help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet)")
+    parser.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N held-out rows")
+    parser.add_argument("--max_length", type=int, default=8192,
+                        help="drop training conversations longer than this (tokens, images included); 0 = no limit")
+    parser.add_argument("--dataloader_num_workers", type=int, default=4)
+    # Evaluation
+    parser.add_argument("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps")
+    parser.add_argument("--max_eval_loss_samples", type=int, default=64, help="held-out rows used for --eval_steps")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="generation batch per device (default --batch_size_per_gpu)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    # The `deepspeed` launcher passes --local_rank; torchrun uses the LOCAL_RANK variable instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    return args
+
+
+def validate_args(parser, args):
+    """Fail in one line before anything heavy is loaded."""
+    if args.use_qlora:
+        args.use_lora = True
+    if args.deepspeed and args.deepspeed.lower() == "none":
+        args.deepspeed = ""
+    if not 1 <= args.num_crops <= 16:
+        parser.error(f"--num_crops must be between 1 and 16, got {args.num_crops}")
+    if args.use_flash_attention:
+        if not args.bf16:
+            parser.error("--use_flash_attention needs --bf16: fp16 mixed precision keeps the weights in fp32, "
+                         "which flash attention cannot run (a known issue of the original recipe); "
+                         "add --bf16 or drop the flag")
+        if not torch.cuda.is_available():
+            parser.error("--use_flash_attention needs a CUDA GPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            parser.error("--use_flash_attention needs the flash-attn package (pip install flash-attn)")
+    if args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--use_qlora needs the bitsandbytes package (pip install bitsandbytes)")
+    if args.merge_lora and not args.use_lora:
+        parser.error("--merge_lora only applies to --use_lora / --use_qlora runs")
+    if args.batch_size_per_gpu < 1 or args.batch_size < 1:
+        parser.error("--batch_size and --batch_size_per_gpu must be >= 1")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % (world_size * args.batch_size_per_gpu) != 0:
+        parser.error(f"--batch_size {args.batch_size} is not divisible by world_size {world_size} x "
+                     f"--batch_size_per_gpu {args.batch_size_per_gpu}")
+    if args.lora_rank < 1:
+        parser.error("--lora_rank must be >= 1")
+    if args.eval_size < 0:
+        parser.error("--eval_size must be >= 0")
+    if args.eval_steps > 0 and (args.eval_size == 0 or args.max_eval_loss_samples < 1 or args.max_eval_samples == 0):
+        parser.error("--eval_steps needs held-out rows: "
+                     "--eval_size, --max_eval_loss_samples (and --max_eval_samples) > 0")
+    if not args.use_lora and args.deepspeed and not Path(args.deepspeed).is_file():
+        parser.error(f"--deepspeed config {args.deepspeed} not found")
+    if args.resume_from_checkpoint == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if last is None:
+            parser.error(f"--resume_from_checkpoint latest: no checkpoint-* folder in {args.output_dir}")
+        args.resume_from_checkpoint = last
+    elif args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
+
+
+def set_single_process_env():
+    """Let `python script.py` (no launcher) run DeepSpeed: it wants a rendezvous, else it looks for MPI."""
+    if any(k in os.environ for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def load_data(dataset_path=None):
+    """The whole NLVR2 table of the_cauldron (it has a single `train` split), from the hub or a local copy."""
+    import datasets
+
+    if dataset_path is None:
+        return datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split="train")
+    path = Path(dataset_path)
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"]
+        return data
+    files = sorted(str(p) for p in path.rglob("*.parquet")) if path.is_dir() else [str(path)]
+    if not files:
+        raise FileNotFoundError(f"--dataset_path {dataset_path}: no save_to_disk folder and no parquet files")
+    return datasets.load_dataset("parquet", data_files=files, split="train")
+
+
+def user_prompt(tokenizer, content):
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def first_turn_content(question):
+    # Adapt: the two image tags come back to back, as in the cookbook recipe; reorder or reword here.
+    return f"<|image_1|><|image_2|>\n{question}"
+
+
+def answer_token_ids(tokenizer, answer):
+    # No BOS inside the sequence; <|endoftext|> ends the answer so the model learns to stop.
+    return tokenizer(f"{answer}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
+
+
+def image_size(stored):
+    """(width, height) of a stored image ({bytes, path}) from its header, without decoding pixels."""
+    source = io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
+    with Image.open(source) as image:
+        return image.size
+
+
+def conversation_length(tokenizer, texts, image_sizes, num_crops):
+    """Tokens the train collator produces for one row, counted without running the image processor."""
+    import phi3v
+
+    total = 0
+    for turn_index, turn in enumerate(texts):
+        content = first_turn_content(turn["user"]) if turn_index == 0 else turn["user"]
+        # The processor tokenizes the text around each image tag separately, each piece with its <s>.
+        total += sum(len(tokenizer(chunk).input_ids) for chunk in IMAGE_TAG.split(user_prompt(tokenizer, content)))
+        if turn_index == 0:
+            total += sum(phi3v.num_image_tokens(w, h, num_crops) for w, h in image_sizes)
+        total += len(answer_token_ids(tokenizer, turn["assistant"]))
+    return total
+
+
+def select_valid_rows(dataset, tokenizer, num_crops, max_length, name, first_row=0):
+    """Keep rows with exactly 2 images and at least one turn that fit in max_length (None = no limit).
+
+    Bad rows are skipped, not fatal: the count and the first few row numbers (in the full table) are
+    printed. Only image headers are read, so this pass is cheap even on the full dataset.
+    """
+    started = time.perf_counter()
+    keep, bad_rows, too_long = [], [], 0
+    raw = dataset.select_columns(["images", "texts"]).with_format("arrow")
+    index = 0
+    for table in raw.iter(batch_size=256):
+        for images, texts in zip(table.column("images").to_pylist(), table.column("texts").to_pylist()):
+            if images is None or len(images) != 2 or not texts:
+                bad_rows.append(first_row + index)
+            elif max_length is None or conversation_length(
+                tokenizer, texts, [image_size(im) for im in images], num_crops
+            ) <= max_length:
+                keep.append(index)
+            else:
+                too_long += 1
+            index += 1
+    if bad_rows:
+        print(f"[{name}] skipped {len(bad_rows)} row(s) without exactly 2 images or without turns "
+              f"(rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''})")
+    if too_long:
+        print(f"[{name}] dropped {too_long} row(s) longer than --max_length {max_length} tokens")
+    print(f"[{name}] {len(keep)} rows (checked in {time.perf_counter() - started:.1f} s)")
+    return dataset.select(keep) if len(keep) != len(dataset) else dataset
+
+
+def create_datasets(args, tokenizer):
+    """(train, eval): the first --eval_size rows are held out, as the cookbook's train[:500] / train[500:]."""
+    data = load_data(args.dataset_path)
+    eval_size = min(args.eval_size, len(data))
+    eval_set = data.select(range(eval_size))
+    train_set = data.select(range(eval_size, len(data)))
+    if args.max_train_samples is not None:
+        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_eval_samples is not None:
+        eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
+    train_set = select_valid_rows(
+        train_set, tokenizer, args.num_crops, args.max_length or None, "train", first_row=eval_size
+    )
+    # Eval rows are only checked for their two images: generation has no training length limit.
+    eval_set = select_valid_rows(eval_set, tokenizer, args.num_crops, None, "eval")
+    return train_set, eval_set
+
+
+class NLVR2DataCollator:
+    """Raw rows -> a right-padded training batch; every turn of every conversation is supervised.
+
+    Each turn is its own chat-template call, so every turn starts with <s><|user|> (as the cookbook):
+    turn = [prompt | answer], labels = [-100 ... | answer]. The first turn holds both images.
+    Runs in the dataloader workers, so image decoding and cropping happen there.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    def encode(self, example):
+        images = example["images"]
+        if len(images) != 2:
+            raise ValueError(f"NLVR2 rows need exactly 2 images, got {len(images)}: {example['texts']}")
+        input_ids, labels = [], []
+        pixel_values = image_sizes = None
+        for turn_index, turn in enumerate(example["texts"]):
+            # Adapt: build the prompt of each turn for your own dataset here.
+            if turn_index == 0:
+                inputs = self.processor(user_prompt(self.tokenizer, first_turn_content(turn["user"])), images)
+                pixel_values, image_sizes = inputs["pixel_values"], inputs["image_sizes"]
+            else:
+                inputs = self.processor(user_prompt(self.tokenizer, turn["user"]))
+            prompt_ids = inputs["input_ids"][0].tolist()
+            answer_ids = answer_token_ids(self.tokenizer, turn["assistant"])
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        return input_ids, labels, pixel_values, image_sizes
+
+    def __call__(self, examples):
+        encoded = [self.encode(example) for example in examples]
+        longest = max(len(ids) for ids, *_ in encoded)
+        input_ids = torch.full((len(encoded), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)
+        # attention_mask is 1 on every real token. The cookbook used input_ids != pad_token_id, but
+        # <|endoftext|> *is* the pad token (32000), so it also hid the <|endoftext|> that ends every
+        # turn of a multi-turn conversation from the later turns.
+        attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for row, (ids, row_labels, _, _) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.tensor(row_labels)
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat([pv for *_, pv, _ in encoded]),
+            "image_sizes": torch.cat([sizes for *_, sizes in encoded]),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def create_model(args, use_cuda):
+    import phi3v
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # Phi-3.5-vision was trained in bf16; for fp16 mixed precision the weights stay fp32 (AMP master copy).
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    kwargs = dict(dtype=dtype, attn_implementation="flash_attention_2" if args.use_flash_attention else "sdpa")
+    if args.use_qlora:
+        compute_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if use_cuda else torch.float32)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if use_cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    if args.use_qlora:
+        phi3v.fix_4bit_cpu_gradients(model)
+
+    if args.freeze_vision_model:
+        # Freezes CLIP, the separators and the projector. Unlike the original remote code, phi3v's image
+        # embedder does not hold the token embedding matrix, so the token embeddings keep training.
+        model.model.vision_embed_tokens.requires_grad_(False)
+
+    if args.use_lora:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if args.use_qlora:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=round(args.lora_rank * args.lora_alpha_ratio),
+            lora_dropout=args.lora_dropout,
+            # Adapt: which layers get adapters (the language model, plus CLIP and the projector unless frozen).
+            target_modules=phi3v.lora_target_modules(model, vision=not args.freeze_vision_model),
+            init_lora_weights="gaussian",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+        model.print_trainable_parameters()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def create_training_arguments(args, use_cuda, world_size):
+    from transformers import TrainingArguments
+
+    use_deepspeed = bool(args.deepspeed) and not args.use_lora
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size_per_gpu,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size_per_gpu,
+        gradient_accumulation_steps=args.batch_size // (world_size * args.batch_size_per_gpu),
+        gradient_checkpointing=True,
+        # Non-reentrant checkpointing gives gradients to LoRA weights behind frozen inputs.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        learning_rate=args.learning_rate,
+        weight_decay=args.wd,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if args.eval_steps > 0 else "no",
+        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
+        prediction_loss_only=True,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_total_limit=args.save_total_limit,
+        save_only_model=False,  # checkpoints keep optimizer, scheduler and RNG state, so they resume
+        bf16=args.bf16,
+        fp16=use_cuda and not args.bf16,
+        use_cpu=not use_cuda,
+        # gloo for several CPU processes; a lone process (plain `python`, no LOCAL_RANK) must get no backend,
+        # else accelerate asks for a process group that nobody created.
+        ddp_backend="gloo" if not use_cuda and "LOCAL_RANK" in os.environ else None,
+        remove_unused_columns=False,  # the collator needs the raw `images` and `texts` columns
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_prefetch_factor=2 if args.dataloader_num_workers > 0 else None,
+        report_to=[r.strip() for r in args.report_to.split(",")] if args.report_to != "none" else "none",
+        disable_tqdm=args.no_tqdm,
+        seed=args.seed,
+        deepspeed=args.deepspeed if use_deepspeed else None,
+    )
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class ThroughputTrainer(Trainer):
+        """Trainer that logs training images/s and non-padding tokens/s next to the loss (all ranks summed).
+
+        Counted from the batches the model actually gets (so dataloader workers and resumed runs are
+        right), and added in `log` before the entry reaches `log_history` and the loggers.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._since_log = torch.zeros(2, dtype=torch.float64)  # images, tokens on this rank
+            self._total = torch.zeros(2, dtype=torch.float64)
+            self._last_log_time = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._last_log_time is None:
+                self._last_log_time = time.perf_counter()
+            images = len(inputs["image_sizes"]) if "image_sizes" in inputs else 0
+            self._since_log += torch.tensor([images, float(inputs["attention_mask"].sum())], dtype=torch.float64)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _summed(self, counts):
+            # log() runs on every rank at the same step, so a collective is safe here.
+            return self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and self._last_log_time is not None:
+                now = time.perf_counter()
+                counts = self._summed(self._since_log)
+                seconds = max(now - self._last_log_time, 1e-9)
+                logs["images_per_second"] = round(float(counts[0]) / seconds, 3)
+                logs["tokens_per_second"] = round(float(counts[1]) / seconds, 3)
+                self._total += self._since_log
+                self._since_log.zero_()
+                self._last_log_time = now
+            elif "train_runtime" in logs:
+                self._total += self._since_log
+                self._since_log.zero_()
+                counts = self._summed(self._total)
+                runtime = max(logs["train_runtime"], 1e-9)
+                logs["train_images_per_second"] = round(float(counts[0]) / runtime, 3)
+                logs["train_tokens_per_second"] = round(float(counts[1]) / runtime, 3)
+            super().log(logs, start_time)
+
+    return ThroughputTrainer
+
+
+def describe_setup(trainer, args, world_size):
+    """One line saying what will actually run (method, DeepSpeed stage, batch arithmetic, precision)."""
+    targs = trainer.args
+    method = "QLoRA" if args.use_qlora else "LoRA" if args.use_lora else "full fine-tuning"
+    if trainer.is_deepspeed_enabled:
+        engine = f"DeepSpeed ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        engine = "DDP" if world_size > 1 else "single process"
+    params = list(trainer.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    precision = "bf16" if targs.bf16 else "fp16 AMP" if targs.fp16 else "fp32"
+    return (f"setup: {method} | {engine} | world size {world_size} x micro batch {targs.per_device_train_batch_size}"
+            f" x accumulation {targs.gradient_accumulation_steps} = batch {args.batch_size} | {precision}"
+            f" | vision {'frozen' if args.freeze_vision_model else 'trained'}"
+            f" | trainable parameters {trainable:,} of {sum(p.numel() for p in params):,}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize(text):
+    return text.strip().strip(".").lower()
+
+
+def contiguous_shard(dataset, world_size, rank):
+    """Like dataset.shard(contiguous=True), but also fine when there are fewer rows than ranks."""
+    per_rank, extra = divmod(len(dataset), world_size)
+    start = rank * per_rank + min(rank, extra)
+    return dataset.select(range(start, start + per_rank + (rank < extra)))
+
+
+def evaluate(model, processor, dataset, args, training_args, output_file):
+    """Greedy answers to the first statement of each row; exact-match accuracy written by rank 0."""
+    from accelerate.utils import gather_object
+
+    tokenizer = processor.tokenizer
+    shard = contiguous_shard(dataset, training_args.world_size, training_args.process_index)
+    batch_size = args.eval_batch_size or args.batch_size_per_gpu
+    device = next(model.parameters()).device
+    end_ids = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
+    records = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(shard), batch_size):
+                rows = shard[start : start + batch_size]
+                # Adapt: the evaluation prompt (here the first turn only, as the cookbook).
+                questions = [texts[0]["user"] for texts in rows["texts"]]
+                prompts = [user_prompt(tokenizer, first_turn_content(q)) for q in questions]
+                inputs = processor(text=prompts, images=[list(images) for images in rows["images"]], padding=True)
+                inputs = inputs.to(device)
+                generated = model.generate(
+                    **inputs,
+                    max_new_tokens=args.max_new_tokens,
+                    eos_token_id=end_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    do_sample=False,
+                    use_cache=True,
+                )
+                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+                texts = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                for question, texts_row, prediction in zip(questions, rows["texts"], texts):
+                    answer = texts_row[0]["assistant"]
+                    records.append({"question": question, "answer": answer, "prediction": prediction})
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+
+    records = gather_object(records)
+    if not training_args.should_save:  # only the main process (rank 0) writes
+        return None
+    correct = [normalize(r["prediction"]) == normalize(r["answer"]) for r in records]
+    result = {
+        "accuracy": sum(correct) / max(len(correct), 1),
+        "num_samples": len(records),
+        "questions": [r["question"] for r in records],
+        "answers": [r["answer"] for r in records],
+        "predictions": [r["prediction"] for r in records],
+    }
+    Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(output_file).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{Path(output_file).name}: accuracy {result['accuracy']:.4f} on {len(records)} samples")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and main
+# ----------------------------------------------------------------------------------------------
+
+
+def save(trainer, processor, args):
+    """Full fine-tuning: the whole model; LoRA: the adapter. Plus the processor and the log history."""
+    output_dir = Path(args.output_dir)
+    trainer.save_model(str(output_dir))  # on every rank: DeepSpeed gathers the weights collectively
+    if trainer.args.should_save:
+        processor.save_pretrained(str(output_dir))
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
+
+
+def merge_lora(model, processor, args, training_args):
+    """--merge_lora: the base model with the adapter folded in, loadable without peft."""
+    if not training_args.should_save:
+        return
+    if args.use_qlora:
+        print("--merge_lora skipped for QLoRA: folding the adapter into 4-bit weights would round it away. "
+              "Merge offline into the bf16 base model: PeftModel.from_pretrained(base, output_dir).merge_and_unload()")
+        return
+    merged_dir = Path(args.output_dir) / "merged"
+    model.merge_and_unload().save_pretrained(str(merged_dir))
+    processor.save_pretrained(str(merged_dir))
+    print(f"merged model written to {merged_dir}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    use_cuda = torch.cuda.is_available()
+    if args.deepspeed and not args.use_lora:
+        set_single_process_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    import phi3v  # noqa: F401  (registers Phi-3.5-vision with the Auto classes)
+    from transformers import AutoProcessor, set_seed
+
+    training_args = create_training_arguments(args, use_cuda, world_size)
+    set_seed(args.seed)
+    with training_args.main_process_first(local=True, desc="loading processor and data"):
+        processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        train_set, eval_set = create_datasets(args, processor.tokenizer)
+    with training_args.main_process_first(local=True, desc="loading model"):
+        model = create_model(args, use_cuda)
+    if not args.use_qlora:
+        model.to(training_args.device)
+
+    output_dir = Path(args.output_dir)
+    if len(eval_set) and not args.resume_from_checkpoint:
+        evaluate(model, processor, eval_set, args, training_args, output_dir / "eval_before.json")
+    elif args.resume_from_checkpoint:
+        print("resuming: eval_before.json is left to the run that started the training")
+
+    eval_loss_set = None
+    if args.eval_steps > 0:
+        eval_loss_set = eval_set.select(range(min(args.max_eval_loss_samples, len(eval_set))))
+    trainer = make_trainer_class()(
+        model=model,
+        args=training_args,
+        data_collator=NLVR2DataCollator(processor),
+        train_dataset=train_set,
+        eval_dataset=eval_loss_set,
+        processing_class=processor,  # checkpoints then hold the processor too
+    )
+    if training_args.should_save:
+        print(describe_setup(trainer, args, world_size))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    save(trainer, processor, args)
+    if len(eval_set):
+        evaluate(model, processor, eval_set, args, training_args, output_dir / "eval_after.json")
+    if args.merge_lora:
+        # Merging rewrites the in-memory model, so it comes after the evaluation of the adapter.
+        merge_lora(model, processor, args, training_args)
+
+
+if __name__ == "__main__":
+    main()

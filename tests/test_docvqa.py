@@ -1,0 +1,342 @@
+"""finetune_hf_trainer_docvqa.py end to end on a tiny model and a tiny DocVQA-shaped dataset (CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+SCRIPT = "finetune_hf_trainer_docvqa.py"
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "milk", "door"]
+TEST_WORDS = ["car", "hat", "red", "blue"]
+QUESTIONS = ["What word is written?", "Which word can be read in this picture of a page?"]
+# One thread per process: the ops of the tiny model are too small to share, and on a busy 2-core
+# machine a second OpenMP thread makes training steps many times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_hf_trainer_docvqa", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def word_image(word: str, size: tuple[int, int]) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((10, size[1] // 2 - 6), word, fill="black")
+    return image
+
+
+def query(en: str) -> dict:
+    return {"de": f"de: {en}", "en": en, "es": f"es: {en}", "fr": f"fr: {en}", "it": f"it: {en}"}
+
+
+MINI_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "query": {k: datasets.Value("string") for k in ("de", "en", "es", "fr", "it")},
+        "answers": datasets.List(datasets.Value("string")),
+        "words": datasets.List(datasets.Value("string")),
+        "bounding_boxes": datasets.List(datasets.List(datasets.Value("float32"))),
+        "answer": datasets.Value("string"),
+    }
+)
+
+
+def mini_split(words, sizes):
+    rows = {k: [] for k in MINI_FEATURES}
+    for i, (word, size) in enumerate(zip(words, sizes)):
+        rows["id"].append(f"q{i}")
+        rows["image"].append(word_image(word, size))
+        rows["query"].append(query(QUESTIONS[i % 2]))
+        rows["answers"].append([word, word.upper()])
+        rows["words"].append([word])
+        rows["bounding_boxes"].append([[10.0, 40.0, 40.0, 52.0]])
+        rows["answer"].append(word)
+    return datasets.Dataset.from_dict(rows, features=MINI_FEATURES)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The mini set (save_to_disk DatasetDict) and a cauldron-docvqa copy (parquet), in the hub schemas.
+
+    Training pages 0-5 are square, 6-7 wide: at num_crops 2 a wide page takes 457 image tokens, a
+    square one 313, so --max_length 400 drops exactly the two wide ones.
+    """
+    root = tmp_path_factory.mktemp("docvqa-data")
+    train = mini_split(TRAIN_WORDS, [(120, 120)] * 6 + [(200, 100)] * 2)
+    test = mini_split(TEST_WORDS, [(200, 100)] * 4)
+    datasets.DatasetDict(train=train, test=test).save_to_disk(str(root / "mini"))
+
+    cauldron_features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "texts": datasets.List(
+                {"user": datasets.Value("string"), "assistant": datasets.Value("string"),
+                 "source": datasets.Value("string")}
+            ),
+        }
+    )
+    cauldron = datasets.Dataset.from_dict(
+        {
+            "images": [[word_image(w, (200, 100))] for w in TRAIN_WORDS[:4]],
+            "texts": [
+                [
+                    {"user": "What word is written?\nGive a very brief answer.", "assistant": w, "source": "docvqa"},
+                    {"user": "How many letters?\nGive a very brief answer.", "assistant": str(len(w)),
+                     "source": "docvqa"},
+                ]
+                for w in TRAIN_WORDS[:4]
+            ],
+        },
+        features=cauldron_features,
+    )
+    (root / "cauldron" / "docvqa").mkdir(parents=True)
+    cauldron.to_parquet(str(root / "cauldron" / "docvqa" / "train-00000-of-00001.parquet"))
+    return {"mini": root / "mini", "cauldron": root / "cauldron"}
+
+
+def common_args(tiny_model_dir, data, out):
+    return [
+        "--model_name_or_path", tiny_model_dir, "--dataset_path", data["mini"], "--output_dir", out,
+        "--dataloader_num_workers", 0, "--warmup_steps", 0, "--logging_steps", 1, "--max_eval_samples", 4,
+        "--max_new_tokens", 6, "--lora_rank", 4, "--no-tqdm",
+    ]
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def check_eval_files(out: Path, module):
+    for name in ("eval_before.json", "eval_after.json"):
+        result = read_json(out / name)
+        assert result["num_samples"] == 4
+        assert result["answers"] == [[w, w.upper()] for w in TEST_WORDS]
+        assert result["questions"] == [QUESTIONS[i % 2] for i in range(4)]
+        assert len(result["predictions"]) == 4 and all(isinstance(p, str) for p in result["predictions"])
+        assert 0.0 <= result["anls"] <= 1.0
+        assert result["anls"] == pytest.approx(module.anls(result["predictions"], result["answers"]))
+
+
+def losses(log_history):
+    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
+
+
+def sample_inputs(model_dir):
+    import phi3v  # noqa: F401
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, num_crops=2)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|image_1|>\nWhat word is written?\nAnswer briefly."}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    return processor(text=prompt, images=[word_image("cat", (200, 100))])
+
+
+def logits_of(model, inputs):
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+def answer_ids(tokenizer, answer):
+    return tokenizer(f"{answer}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_anls_hand_computed():
+    m = load_script()
+    assert m.anls_score("cat", ["cat"]) == 1.0
+    assert m.anls_score("  cat. ", ["cat"]) == 1.0  # whitespace and dots around the prediction go
+    assert m.anls_score("cats", ["cat"]) == pytest.approx(0.75)  # 1 edit / 4 chars
+    assert m.anls_score("Cat", ["cat"]) == pytest.approx(2 / 3)  # case counts: 1 edit / 3 chars
+    assert m.anls_score("dog", ["cat"]) == 0.0
+    assert m.anls_score("abcd", ["abxy"]) == 0.0  # distance 0.5 is not < tau
+    assert m.anls_score("abcde", ["abxye"]) == pytest.approx(0.6)  # 0.4 < tau
+    assert m.anls_score("color", ["red", "colour"]) == pytest.approx(5 / 6)  # best gold answer
+    assert m.anls_score("", ["cat"]) == 0.0
+    assert m.anls_score(" . ", ["."]) == 0.0  # empty after cleaning
+    assert m.anls(["cat", "cats", "dog", ""], [["cat"], ["cat"], ["cat"], ["cat"]]) == pytest.approx(1.75 / 4)
+    assert m.anls_score("ca", ["cat"], tau=0.3) == 0.0 and m.anls_score("ca", ["cat"]) == pytest.approx(2 / 3)
+
+
+def test_collator_masks_prompt_and_pads_right(tiny_model_dir, data):
+    m = load_script()
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=2)
+    rows = [datasets.load_from_disk(str(data["mini"]))["train"][i] for i in (0, 6)]  # square, then wide page
+    batch = m.DocVQACollator(processor)(rows)
+    assert batch["pixel_values"].shape == (2, 3, 3, 336, 336)
+    assert batch["image_sizes"].tolist() == [[336, 336], [336, 672]]
+    tokenizer = processor.tokenizer
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] < lengths[1] == batch["input_ids"].shape[1]
+    for i, row in enumerate(rows):
+        n = lengths[i]
+        assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+        assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all() and (batch["labels"][i, n:] == -100).all()
+        supervised = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert supervised in [answer_ids(tokenizer, a) for a in row["answers"]]
+        # The supervised tokens are the last real tokens; everything before (prompt, image) is masked.
+        assert batch["input_ids"][i, n - len(supervised) : n].tolist() == supervised
+        assert (batch["labels"][i, : n - len(supervised)] == -100).all()
+        assert (batch["input_ids"][i, :n] < 0).sum() == (313 if i == 0 else 457)
+        assert supervised[-1] == tokenizer.pad_token_id  # <|endoftext|> is a real, supervised token
+
+    cauldron = datasets.load_dataset("parquet", data_files=str(next(data["cauldron"].rglob("*.parquet"))),
+                                     split="train")
+    batch = m.DocVQACollator(processor)([cauldron[0]])
+    supervised = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert supervised in [answer_ids(tokenizer, "cat"), answer_ids(tokenizer, "3")]
+
+
+def test_argument_validation(capsys):
+    m = load_script()
+    for bad, message in [
+        (["--num_crops", "17"], "--num_crops must be between 1 and 16"),
+        (["--batch_size", "3", "--batch_size_per_gpu", "2"], "must be a multiple of"),
+        (["--merge_lora"], "--merge_lora only applies"),
+        (["--use_flash_attention"], "--use_flash_attention"),
+    ]:
+        with pytest.raises(SystemExit):
+            m.parse_args(bad)
+        assert message in capsys.readouterr().err
+    args = m.parse_args(["--use_qlora"])
+    assert args.use_lora and args.deepspeed is None
+    assert m.parse_args([]).deepspeed.endswith("ds_configs/zero2.json")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
+    """LoRA with CLIP targets: 2 steps with a checkpoint, resumed to 4 with --merge_lora."""
+    m = load_script()
+    out = tmp_path / "lora"
+    args = common_args(tiny_model_dir, data, out) + [
+        "--use_lora", "--batch_size", 2, "--batch_size_per_gpu", 1, "--num_crops", 2, "--max_length", 400,
+        "--eval_batch_size", 2, "--learning_rate", 5e-3, "--save_steps", 2,
+    ]
+    first = run_script(SCRIPT, *args, "--max_steps", 2, env=ONE_THREAD)
+    assert "dropped 2 of 8 training samples" in first.stdout and "training rows: 6" in first.stdout
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoint-2" / "optimizer.pt").exists()
+    first_log = read_json(out / "log_history.json")
+    assert sorted(losses(first_log)) == [1, 2]
+
+    second = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--merge_lora",
+                        env=ONE_THREAD)
+    assert "resuming from" in second.stdout and "checkpoint-2" in second.stdout
+    assert (out / "checkpoint-4").is_dir()
+    assert read_json(out / "checkpoint-4" / "trainer_state.json")["global_step"] == 4
+    log = read_json(out / "log_history.json")
+    step_losses = losses(log)
+    assert sorted(step_losses) == [1, 2, 3, 4]  # steps 1-2 restored from the checkpoint's state
+    assert step_losses[1] == losses(first_log)[1]
+    new_entries = [e for e in log if "loss" in e and e["step"] > 2]
+    assert all(math.isfinite(e["loss"]) for e in new_entries)
+    assert all(e["images_per_second"] > 0 and e["tokens_per_second"] > 0 for e in new_entries)
+    check_eval_files(out, m)
+
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as adapter:
+        assert all("lora_" in key for key in adapter.keys())  # no full copy of lm_head / embeddings
+    adapter_config = read_json(out / "adapter_config.json")
+    targets = adapter_config["target_modules"]
+    assert any("vision_embed_tokens.img_processor" in t for t in targets)  # CLIP is trained too
+    assert any(t.endswith("lm_head") for t in targets) and adapter_config["lora_alpha"] == 8
+
+    import phi3v  # noqa: F401
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    inputs = sample_inputs(out / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    in_memory = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged_logits = logits_of(merged, inputs)
+    assert torch.isfinite(merged_logits).all()
+    torch.testing.assert_close(merged_logits, logits_of(in_memory, inputs), rtol=1e-4, atol=1e-4)
+    assert (merged_logits - logits_of(base, inputs)).abs().max() > 1e-3
+
+
+def test_qlora(tiny_model_dir, data, tmp_path, run_script):
+    """4-bit base + LoRA on CPU, micro-batches of 2; merged into a full-precision reload of the base."""
+    m = load_script()
+    out = tmp_path / "qlora"
+    proc = run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--use_qlora", "--batch_size", 2,
+                      "--batch_size_per_gpu", 2, "--num_crops", 1, "--max_steps", 2, "--learning_rate", 5e-3,
+                      "--merge_lora", env=ONE_THREAD)
+    layers = int(proc.stdout.split("4-bit layers: ")[1].split()[0])
+    assert layers > 0
+    assert (out / "adapter_model.safetensors").exists()
+    step_losses = losses(read_json(out / "log_history.json"))
+    assert sorted(step_losses) == [1, 2] and all(math.isfinite(v) for v in step_losses.values())
+    check_eval_files(out, m)
+
+    import phi3v  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.dtype == torch.float32 and not any("lora" in n for n, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    inputs = sample_inputs(out / "merged")
+    merged_logits = logits_of(merged, inputs)
+    assert torch.isfinite(merged_logits).all()
+    assert (merged_logits - logits_of(base, inputs)).abs().max() > 1e-3
+
+
+def test_full_train_cauldron_deepspeed(tiny_model_dir, data, tmp_path, run_script):
+    """--full_train on a cauldron-schema parquet copy: full fine-tuning with DeepSpeed ZeRO-2 from a plain
+    `python` process, vision tower frozen, held-out loss every step; the output folder reloads."""
+    m = load_script()
+    out = tmp_path / "full"
+    proc = run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--full_train",
+                      "--full_train_dataset_path", data["cauldron"], "--freeze_vision_model", "--batch_size", 2,
+                      "--num_crops", 1, "--max_steps", 2, "--learning_rate", 1e-3, "--eval_steps", 1,
+                      "--max_eval_loss_samples", 2, env=ONE_THREAD)
+    assert "training rows: 4, evaluation rows: 4" in proc.stdout
+    log = read_json(out / "log_history.json")
+    assert sorted(losses(log)) == [1, 2] and all(math.isfinite(v) for v in losses(log).values())
+    eval_losses = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert len(eval_losses) == 2 and all(math.isfinite(v) for v in eval_losses)
+    training_args = torch.load(out / "training_args.bin", weights_only=False)
+    assert str(training_args.deepspeed).endswith("ds_configs/zero2.json")
+    check_eval_files(out, m)
+
+    import phi3v  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoProcessor.from_pretrained(out).image_processor.num_crops == 1
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained_params, base_params = dict(trained.named_parameters()), dict(base.named_parameters())
+    vision = [n for n in base_params if ".vision_embed_tokens." in n]
+    assert vision and all(torch.equal(trained_params[n], base_params[n]) for n in vision)
+    assert not torch.equal(trained_params["model.layers.0.self_attn.qkv_proj.weight"],
+                           base_params["model.layers.0.self_attn.qkv_proj.weight"])
+    assert torch.isfinite(logits_of(trained, sample_inputs(out))).all()
+    assert not list(data["mini"].rglob("cache-*")), "the script wrote cache files into the user's dataset folder"

@@ -1,0 +1,261 @@
+"""finetune_hf_trainer_nlvr2.py end to end on a tiny model and a tiny NLVR2-shaped dataset (CPU, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+SCRIPT = "finetune_hf_trainer_nlvr2.py"
+COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_nlvr2", REPO / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def turn(question, answer):
+    return {"user": question, "assistant": answer, "source": "nlvr2"}
+
+
+def make_rows():
+    """10 rows: pairs of 64x64 solid colours, 1 or 2 turns; row 7 (a training row) has a single image."""
+    names = list(COLOURS)
+    rows = []
+    for i in range(10):
+        left, right = names[i % 3], names[(i // 3) % 3]
+        images = [Image.new("RGB", (64, 64), COLOURS[left]), Image.new("RGB", (64, 48), COLOURS[right])]
+        texts = [turn("Are both images red?", str(left == right == "red"))]
+        if i % 2:
+            texts.append(turn(f"Is the left image {left}?", "True"))
+        if i == 7:
+            images = images[:1]
+        rows.append({"images": images, "texts": texts})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def nlvr2_dir(tmp_path_factory):
+    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+
+    features = Features({
+        "images": List(ImageFeature()),
+        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
+    })
+    rows = make_rows()
+    data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("images", "texts")}, features=features)
+    folder = tmp_path_factory.mktemp("nlvr2")
+    data.save_to_disk(str(folder / "data"))
+    data.to_parquet(str(folder / "data.parquet"))  # the other --dataset_path form
+    return folder / "data"
+
+
+def common_args(tiny_model_dir, nlvr2_dir, output_dir):
+    return [
+        "--model_name_or_path", tiny_model_dir, "--dataset_path", nlvr2_dir, "--output_dir", output_dir,
+        "--eval_size", 4, "--num_crops", 1, "--batch_size", 2, "--warmup_steps", 0, "--logging_steps", 1,
+        "--dataloader_num_workers", 0, "--max_new_tokens", 4, "--learning_rate", 1e-3, "--no-tqdm",
+    ]
+
+
+def load_state_dict(path):
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def check_eval_files(output_dir, num_samples):
+    for name in ("eval_before.json", "eval_after.json"):
+        result = json.loads((output_dir / name).read_text())
+        assert 0.0 <= result["accuracy"] <= 1.0
+        assert len(result["predictions"]) == len(result["answers"]) == num_samples
+        assert all(isinstance(p, str) for p in result["predictions"])
+        assert result["answers"][0] in ("True", "False")
+
+
+def train_losses(output_dir):
+    history = json.loads((output_dir / "log_history.json").read_text())
+    steps = [entry for entry in history if "loss" in entry]
+    assert steps and all(math.isfinite(entry["loss"]) for entry in steps)
+    assert all(entry["images_per_second"] > 0 and entry["tokens_per_second"] > 0 for entry in steps)
+    return steps
+
+
+def test_collator_masks_prompts_of_every_turn(tiny_model_dir):
+    import phi3v  # noqa: F401
+    from transformers import AutoProcessor
+
+    module = load_script()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    tokenizer = processor.tokenizer
+    red = Image.new("RGB", (64, 64), COLOURS["red"])
+    blue = Image.new("RGB", (80, 40), COLOURS["blue"])
+    two_turns = {"images": [red, blue], "texts": [turn("Are both images red?", "False"), turn("Is one blue?", "True")]}
+    one_turn = {"images": [blue, red], "texts": [turn("Is the right image red?", "True")]}
+    batch = module.NLVR2DataCollator(processor)([two_turns, one_turn])
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape
+    assert batch["pixel_values"].shape == (4, 2, 3, 336, 336) and batch["image_sizes"].shape == (4, 2)
+
+    # Expected layout, built independently: each turn is its own chat prompt (starting with <s><|user|>),
+    # then the answer tokens; only the answer tokens are supervised.
+    expected_ids, expected_labels = [], []
+    for index, t in enumerate(two_turns["texts"]):
+        content = f"<|image_1|><|image_2|>\n{t['user']}" if index == 0 else t["user"]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = processor(prompt, two_turns["images"] if index == 0 else None)["input_ids"][0].tolist()
+        assert prompt_ids[:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
+        answer_ids = tokenizer(f"{t['assistant']}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
+        expected_ids += prompt_ids + answer_ids
+        expected_labels += [-100] * len(prompt_ids) + answer_ids
+    n = len(expected_ids)
+    assert ids[0].tolist() == expected_ids  # the longer row: no padding
+    assert labels[0].tolist() == expected_labels
+    supervised = labels[0] != -100
+    assert torch.equal(labels[0][supervised], ids[0][supervised])
+    assert (ids[0] < 0).sum() == 2 * 313  # both images expanded in turn 0 (64x64 and 80x40 at num_crops=1)
+    # Both turns contribute: two <|user|> starts, two supervised answer spans, the second turn text-only.
+    assert (ids[0] == tokenizer.convert_tokens_to_ids("<|user|>")).sum() == 2
+    spans = torch.diff(supervised.int()).eq(1).sum() + int(supervised[0])
+    assert spans == 2
+    # attention covers every real token, including the <|endoftext|> (== pad id) that ends turn 1.
+    assert mask[0].tolist() == [1] * n
+    assert (ids[0] == tokenizer.pad_token_id).sum() == 2
+
+    # The shorter row is right-padded with the pad id, labels -100 and attention 0.
+    real = int(mask[1].sum())
+    assert real < n and ids[1, real:].eq(tokenizer.pad_token_id).all() and labels[1, real:].eq(-100).all()
+    answer_ids = tokenizer("True<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
+    assert labels[1, :real].ne(-100).sum() == len(answer_ids)
+
+    # The length filter counts exactly what the collator builds, without running the image processor.
+    assert module.conversation_length(tokenizer, two_turns["texts"], [(64, 64), (80, 40)], 1) == n
+
+
+def test_argument_checks_and_length_filter(tiny_model_dir, nlvr2_dir, capsys):
+    import datasets
+    from transformers import AutoProcessor
+
+    module = load_script()
+    for argv, message in [
+        (["--num_crops", "0"], "--num_crops must be between 1 and 16"),
+        (["--use_flash_attention"], "--use_flash_attention needs --bf16"),
+        (["--batch_size", "3", "--batch_size_per_gpu", "2"], "is not divisible by world_size 1"),
+        (["--merge_lora"], "--merge_lora only applies"),
+    ]:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert module.parse_args(["--use_qlora"]).use_lora
+
+    # --max_length counts image tokens too: 2 x 313 image tokens + text; two-turn rows are longer.
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    data = datasets.load_from_disk(str(nlvr2_dir))
+    lengths = {}
+    for i in range(len(data)):
+        row = data[i]
+        if len(row["images"]) == 2:
+            sizes = [im.size for im in row["images"]]
+            lengths[i] = module.conversation_length(processor.tokenizer, row["texts"], sizes, 1)
+    limit = max(n for i, n in lengths.items() if i % 2 == 0)  # longest one-turn row fits
+    assert all(lengths[i] > limit for i in lengths if i % 2)
+    kept = module.select_valid_rows(data, processor.tokenizer, 1, limit, "train")
+    out = capsys.readouterr().out
+    assert len(kept) == 5 and all(len(row["texts"]) == 1 for row in kept)
+    assert "skipped 1 row(s) without exactly 2 images" in out and "rows [7]" in out
+    assert "dropped 4 row(s) longer than --max_length" in out
+    assert len(module.select_valid_rows(data, processor.tokenizer, 1, None, "eval")) == 9
+
+
+def test_full_finetune_frozen_vision_zero2(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+    import phi3v  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, *common_args(tiny_model_dir, nlvr2_dir, out), "--freeze_vision_model",
+                      "--batch_size_per_gpu", 2, "--max_steps", 2, nproc="single")
+    log = proc.stdout
+    assert "setup: full fine-tuning | DeepSpeed ZeRO-2 | world size 1 x micro batch 2 x accumulation 1" in log
+    assert "vision frozen" in log
+    assert "[train] skipped 1 row(s) without exactly 2 images" in log and "rows [7]" in log
+    check_eval_files(out, 4)
+    assert len(train_losses(out)) == 2
+
+    initial = load_state_dict(tiny_model_dir)
+    trained = load_state_dict(out)
+    assert initial.keys() == trained.keys()
+    vision = [k for k in initial if k.startswith("model.vision_embed_tokens.")]
+    decoder = [k for k in initial if k.startswith("model.layers.")]
+    assert vision and decoder
+    assert all(torch.equal(initial[k], trained[k]) for k in vision)
+    assert any(not torch.equal(initial[k], trained[k]) for k in decoder)
+    assert not torch.equal(initial["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out, num_crops=1)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<|image_1|><|image_2|>\nAre both images red?"}], tokenize=False,
+        add_generation_prompt=True)
+    inputs = processor(prompt, [Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64))])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_plain_python_deepspeed_trains_vision(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+    """No launcher and no distributed env: the script sets it up for DeepSpeed itself."""
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, *common_args(tiny_model_dir, nlvr2_dir, out), "--max_steps", 2,
+                      "--max_eval_samples", 2, nproc=None)
+    assert "setup: full fine-tuning | DeepSpeed ZeRO-2 | world size 1 x micro batch 1 x accumulation 2" in proc.stdout
+    check_eval_files(out, 2)
+    assert len(train_losses(out)) == 2
+
+    initial = load_state_dict(tiny_model_dir)
+    trained = load_state_dict(out)
+    vision = [k for k in initial if k.startswith("model.vision_embed_tokens.img_projection.")]
+    assert any(not torch.equal(initial[k], trained[k]) for k in vision)
+
+
+def test_lora_parquet_eval_loss_checkpoint_merge(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+    """LoRA (no DeepSpeed) from a parquet copy, with held-out loss, a checkpoint and --merge_lora."""
+    import phi3v  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    args = common_args(tiny_model_dir, nlvr2_dir.with_suffix(".parquet"), out)
+    proc = run_script(SCRIPT, *args, "--use_lora", "--lora_rank", 4, "--max_steps", 2, "--save_steps", 2,
+                      "--eval_steps", 1, "--max_eval_loss_samples", 1, "--max_eval_samples", 1, "--merge_lora")
+    assert "setup: LoRA | single process | world size 1 x micro batch 1 x accumulation 2" in proc.stdout
+    check_eval_files(out, 1)
+    assert len(train_losses(out)) == 2
+    history = json.loads((out / "log_history.json").read_text())
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) == 2 and all(math.isfinite(x) for x in eval_losses)
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "adapter_model.safetensors").exists()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+
+    # The merged model loads without peft; the adapters on the decoder and on the projector are folded in.
+    AutoModelForCausalLM.from_pretrained(out / "merged")
+    initial, merged = load_state_dict(tiny_model_dir), load_state_dict(out / "merged")
+    assert initial.keys() == merged.keys()
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.vision_embed_tokens.img_projection.0.weight"):
+        assert not torch.equal(initial[name], merged[name]), name
+    assert torch.equal(initial["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])

@@ -11,7 +11,11 @@ held-out rows and writes `eval_before.json` / `eval_after.json` to `--output_dir
 * `accuracy`: exact match after `.strip().strip('.').lower()` on prediction and gold answer;
 * `auroc`: area under the ROC curve of P(yes), taken from the logits of the first answer token
   (see `yes_probability`), with the gold answer as the label (null when the labels are one class);
+* `confusion_matrix`: rows the gold answers ("No", "Yes", then any other), columns the same plus
+  "(other)" for any other prediction (see `confusion_matrix`);
 * per sample `predictions`, `answers`, `scores`.
+After training it also draws `loss_curve.png` (training loss, held-out loss with --eval_steps, and the
+learning rate on a second axis) and `confusion_matrix.png` (after training) in `--output_dir`.
 
 Launch (one node, 8 GPUs; `--batch_size` is the GLOBAL batch, split over GPUs and accumulation):
 
@@ -488,6 +492,74 @@ def compute_metrics(predictions: list[str], answers: list[str], scores: list[flo
     return metrics
 
 
+def confusion_matrix(predictions: list[str], answers: list[str]) -> dict:
+    """Rows: the gold classes ("No", "Yes", then any other gold answer); columns: the same classes,
+    then "(other)" for a prediction that is none of them. Matched after `normalize`, as the accuracy."""
+    labels = [NEGATIVE_ANSWERS[0], POSITIVE_ANSWERS[0]]
+    known = {normalize(a) for a in labels}
+    for answer in sorted({a.strip().strip(".") for a in answers}, key=str.lower):
+        if normalize(answer) not in known:
+            labels.append(answer)
+            known.add(normalize(answer))
+    column = {normalize(label): i for i, label in enumerate(labels)}
+    matrix = [[0] * (len(labels) + 1) for _ in labels]
+    for prediction, answer in zip(predictions, answers):
+        matrix[column[normalize(answer)]][column.get(normalize(prediction), len(labels))] += 1
+    return {"labels": labels, "columns": labels + ["(other)"], "matrix": matrix}
+
+
+def save_plots(output_dir: str, log_history: list[dict], eval_after: dict | None):
+    """loss_curve.png (training loss, held-out loss, learning rate) and confusion_matrix.png (after training)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = []
+    for key, name in (("loss", "train loss"), ("eval_loss", "held-out loss")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            lines += ax.plot(*zip(*points), marker="o" if len(points) < 30 or key == "eval_loss" else None,
+                             label=name)
+    ax.set(xlabel="step", ylabel="loss", title="loss and learning rate")
+    rates = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
+    if rates:
+        lr_axis = ax.twinx()
+        lines += lr_axis.plot(*zip(*rates), color="tab:gray", linestyle="--", label="learning rate")
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+    if eval_after and eval_after.get("num_samples"):
+        cm = eval_after["confusion_matrix"]
+        size = 2 + 0.5 * len(cm["columns"])
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+        image = ax.imshow(cm["matrix"], cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=60, ha="right")
+        ax.set_yticks(range(len(cm["labels"])), cm["labels"])
+        darkest = max(map(max, cm["matrix"]))
+        for i, row in enumerate(cm["matrix"]):
+            for j, count in enumerate(row):
+                if count:
+                    ax.text(j, i, count, ha="center", va="center", fontsize=10,
+                            color="white" if count > darkest / 2 else "black")
+        auroc = "n/a" if eval_after["auroc"] is None else f"{eval_after['auroc']:.3f}"
+        ax.set(xlabel="prediction", ylabel="answer", title=f"accuracy {eval_after['accuracy']:.3f}, AUROC {auroc}")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(output_dir / "confusion_matrix.png", dpi=100)
+        plt.close(fig)
+
+
 @torch.no_grad()
 def evaluate(model, processor, dataset: Dataset, args, training_args: TrainingArguments, name: str) -> dict | None:
     """Generate on this rank's shard, gather, and (rank 0) score and write `{name}.json`."""
@@ -534,7 +606,8 @@ def evaluate(model, processor, dataset: Dataset, args, training_args: TrainingAr
     predictions = [r["prediction"] for r in results]
     answers = [r["answer"] for r in results]
     scores = [r["score"] for r in results]
-    metrics = {**compute_metrics(predictions, answers, scores), "num_samples": len(results)}
+    metrics = {**compute_metrics(predictions, answers, scores), "num_samples": len(results),
+               "confusion_matrix": confusion_matrix(predictions, answers)}
     report = {**metrics, "predictions": predictions, "answers": answers, "scores": scores}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, f"{name}.json"), "w") as f:
@@ -621,7 +694,9 @@ def main(argv=None):
 
     # The in-memory model is evaluated (for LoRA the peft model: no reload needed).
     model = trainer.accelerator.unwrap_model(trainer.model)
-    evaluate(model, processor, eval_set, args, training_args, "eval_after")
+    eval_after = evaluate(model, processor, eval_set, args, training_args, "eval_after")
+    if is_main:
+        save_plots(args.output_dir, trainer.state.log_history, eval_after)
 
     if args.merge_lora and args.use_lora:
         save_merged(model, processor, args, is_main)

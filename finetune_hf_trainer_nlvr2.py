@@ -33,8 +33,10 @@ A quick CPU check of the whole pipeline (tiny random model from `python -m phi3v
         --max_steps 2 --batch_size 2 --num_crops 1 --eval_size 4 --dataloader_num_workers 0
 
 Outputs in `--output_dir`: the model (full fine-tuning) or the LoRA adapter, the processor,
-`eval_before.json` / `eval_after.json` (accuracy and per-sample predictions), `log_history.json`
-(losses, learning rate, images/s and tokens/s), checkpoints with `--save_steps`.
+`eval_before.json` / `eval_after.json` (accuracy, confusion matrix and per-sample predictions),
+`log_history.json` (losses, learning rate, images/s and tokens/s), `loss_curve.png` (training loss,
+held-out loss with `--eval_steps`, learning rate on a second axis), `confusion_matrix.png` (after
+training), checkpoints with `--save_steps`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ DATASET_CONFIG = "nlvr2"
 IGNORE_INDEX = -100
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_configs" / "zero2.json"
+ANSWER_CLASSES = ("False", "True")  # Adapt: the answers of your task (rows/columns of the confusion matrix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +538,73 @@ def contiguous_shard(dataset, world_size, rank):
     return dataset.select(range(start, start + per_rank + (rank < extra)))
 
 
+def confusion_matrix(predictions, answers):
+    """Rows: the gold classes (ANSWER_CLASSES, then any other gold answer); columns: the same classes,
+    then "(other)" for a prediction that is none of them. Matched after `normalize`, as the accuracy."""
+    labels = list(ANSWER_CLASSES)
+    known = {normalize(a) for a in labels}
+    for answer in sorted({a.strip().strip(".") for a in answers}, key=str.lower):
+        if normalize(answer) not in known:
+            labels.append(answer)
+            known.add(normalize(answer))
+    column = {normalize(label): i for i, label in enumerate(labels)}
+    matrix = [[0] * (len(labels) + 1) for _ in labels]
+    for prediction, answer in zip(predictions, answers):
+        matrix[column[normalize(answer)]][column.get(normalize(prediction), len(labels))] += 1
+    return {"labels": labels, "columns": labels + ["(other)"], "matrix": matrix}
+
+
+def save_plots(output_dir, log_history, eval_after):
+    """loss_curve.png (training loss, held-out loss, learning rate) and confusion_matrix.png (after training)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots")
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = []
+    for key, name in (("loss", "train loss"), ("eval_loss", "held-out loss")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            lines += ax.plot(*zip(*points), marker="o" if len(points) < 30 or key == "eval_loss" else None,
+                             label=name)
+    ax.set(xlabel="step", ylabel="loss", title="loss and learning rate")
+    rates = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
+    if rates:
+        lr_axis = ax.twinx()
+        lines += lr_axis.plot(*zip(*rates), color="tab:gray", linestyle="--", label="learning rate")
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+    if eval_after and eval_after.get("num_samples"):
+        cm = eval_after["confusion_matrix"]
+        size = 2 + 0.5 * len(cm["columns"])
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+        image = ax.imshow(cm["matrix"], cmap="Blues", vmin=0)
+        ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=60, ha="right")
+        ax.set_yticks(range(len(cm["labels"])), cm["labels"])
+        darkest = max(map(max, cm["matrix"]))
+        for i, row in enumerate(cm["matrix"]):
+            for j, count in enumerate(row):
+                if count:
+                    ax.text(j, i, count, ha="center", va="center", fontsize=10,
+                            color="white" if count > darkest / 2 else "black")
+        ax.set(xlabel="prediction", ylabel="answer", title=f"accuracy {eval_after['accuracy']:.3f}")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(output_dir / "confusion_matrix.png", dpi=100)
+        plt.close(fig)
+
+
 def evaluate(model, processor, dataset, args, training_args, output_file):
     """Greedy answers to the first statement of each row; exact-match accuracy written by rank 0."""
     from accelerate.utils import gather_object
@@ -582,6 +652,7 @@ def evaluate(model, processor, dataset, args, training_args, output_file):
     result = {
         "accuracy": sum(correct) / max(len(correct), 1),
         "num_samples": len(records),
+        "confusion_matrix": confusion_matrix([r["prediction"] for r in records], [r["answer"] for r in records]),
         "questions": [r["question"] for r in records],
         "answers": [r["answer"] for r in records],
         "predictions": [r["prediction"] for r in records],
@@ -663,8 +734,11 @@ def main(argv=None):
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     save(trainer, processor, args)
+    eval_after = None
     if len(eval_set):
-        evaluate(model, processor, eval_set, args, training_args, output_dir / "eval_after.json")
+        eval_after = evaluate(model, processor, eval_set, args, training_args, output_dir / "eval_after.json")
+    if training_args.should_save:
+        save_plots(output_dir, trainer.state.log_history, eval_after)
     if args.merge_lora:
         # Merging rewrites the in-memory model, so it comes after the evaluation of the adapter.
         merge_lora(model, processor, args, training_args)

@@ -1,7 +1,8 @@
 """finetune_hf_trainer_hateful_memes.py on a tiny local copy of the_cauldron/hateful_memes.
 
 Covers: the collator (labels, right padding, batch of 3, length count for --max_length), the
-accuracy/AUROC metric (and the one-class case), loading a parquet copy, argument validation,
+accuracy/AUROC metric (and the one-class case), the confusion matrix and the plots (loss curve with
+held-out loss and learning rate), loading a parquet copy, argument validation,
 full fine-tuning with DeepSpeed ZeRO-2 under torchrun (2 processes), and LoRA with
 --batch_size_per_gpu 2, intermediate checkpoints, an exact resume, --eval_steps and --merge_lora.
 """
@@ -90,7 +91,20 @@ def check_eval_file(path, num=4):
     assert len(report["predictions"]) == len(report["scores"]) == num
     assert all(isinstance(p, str) for p in report["predictions"])
     assert all(0.0 < s < 1.0 for s in report["scores"])
+    # Confusion matrix: rows No/Yes (gold), columns No/Yes/(other) (prediction); every row counted once.
+    cm = report["confusion_matrix"]
+    assert cm["labels"] == ["No", "Yes"] and cm["columns"] == ["No", "Yes", "(other)"]
+    assert sum(map(sum, cm["matrix"])) == report["num_samples"] == num
+    assert [sum(row) for row in cm["matrix"]] == [ANSWERS[:num].count("No"), ANSWERS[:num].count("Yes")]
+    assert cm["matrix"][0][0] + cm["matrix"][1][1] == round(report["accuracy"] * num)
     return report
+
+
+def check_plots(output_dir):
+    for name in ("loss_curve.png", "confusion_matrix.png"):
+        with Image.open(output_dir / name) as image:  # a real PNG, not just a file with that name
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+            image.load()
 
 
 def loss_entries(history):
@@ -172,6 +186,57 @@ def test_metrics(script):
     assert p[1].item() == pytest.approx(math.exp(-5) / (math.exp(-5) + math.exp(-5) + math.exp(1)), rel=1e-5)
 
 
+def test_confusion_matrix(script):
+    predictions = ["Yes.", " no", "Yes", "maybe", "no"]
+    answers = ["yes", "No", "No", "Yes", "hateful"]
+    assert script.confusion_matrix(predictions, answers) == {
+        "labels": ["No", "Yes", "hateful"],  # No/Yes always (fixed order), then other gold answers
+        "columns": ["No", "Yes", "hateful", "(other)"],
+        "matrix": [[1, 1, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]],  # matched as the accuracy (strip ".", case)
+    }
+    empty = script.confusion_matrix([], [])
+    assert empty["matrix"] == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_save_plots(script, tmp_path, monkeypatch):
+    """loss_curve.png draws the training loss, the held-out loss and the learning rate (second axis)."""
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = {line.get_label(): line.get_xydata().tolist()
+                                  for ax in fig.axes for line in ax.get_lines()}
+        drawn[Path(path).name + " axes"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    history = [
+        {"step": 1, "loss": 2.0, "learning_rate": 1e-3},
+        {"step": 2, "loss": 1.5, "learning_rate": 5e-4},
+        {"step": 2, "eval_loss": 1.7},
+        {"step": 3, "loss": 1.0, "learning_rate": 0.0},
+        {"step": 3, "train_runtime": 1.0, "train_loss": 1.5},
+    ]
+    report = {"accuracy": 0.5, "auroc": None, "num_samples": 2,
+              "confusion_matrix": script.confusion_matrix(["Yes", "x"], ["Yes", "No"])}
+    script.save_plots(str(tmp_path), history, report)
+    assert drawn["loss_curve.png"] == {
+        "train loss": [[1, 2.0], [2, 1.5], [3, 1.0]],
+        "held-out loss": [[2, 1.7]],
+        "learning rate": [[1, 1e-3], [2, 5e-4], [3, 0.0]],
+    }
+    assert drawn["loss_curve.png axes"] == [("step", "loss"), ("", "learning rate")]
+    check_plots(tmp_path)
+
+    # No held-out rows: the loss curve only, no confusion matrix.
+    (tmp_path / "confusion_matrix.png").unlink()
+    script.save_plots(str(tmp_path), history[:2], {**report, "num_samples": 0})
+    assert "held-out loss" not in drawn["loss_curve.png"]
+    assert (tmp_path / "loss_curve.png").exists() and not (tmp_path / "confusion_matrix.png").exists()
+
+
 def test_load_data_parquet_and_disk(script, memes_dataset, memes_dir, tmp_path):
     parquet = tmp_path / "hm.parquet"
     memes_dataset.to_parquet(str(parquet))
@@ -215,6 +280,7 @@ def test_full_finetune_deepspeed_two_processes(script, run_script, tiny_model_di
 
     check_eval_file(out / "eval_before.json")
     after = check_eval_file(out / "eval_after.json")
+    check_plots(out)
     history = read_json(out / "log_history.json")
     logged = loss_entries(history)
     assert [e["step"] for e in logged] == [1, 2]
@@ -254,6 +320,7 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
     assert (out_a / "adapter_model.safetensors").exists() and (out_a / "processor_config.json").exists()
     before = check_eval_file(out_a / "eval_before.json")
     check_eval_file(out_a / "eval_after.json")
+    check_plots(out_a)
     history_a = loss_entries(read_json(out_a / "log_history.json"))
     assert [e["step"] for e in history_a] == [1, 2, 3, 4]
     assert all(math.isfinite(e["loss"]) for e in history_a)
@@ -287,6 +354,7 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
     assert [e["step"] for e in history_b if "eval_loss" in e] == [4]
     assert all(math.isfinite(e["eval_loss"]) for e in history_b if "eval_loss" in e)
     check_eval_file(out_b / "eval_after.json")
+    check_plots(out_b)
 
     merged = AutoModelForCausalLM.from_pretrained(out_b / "merged")
     assert not any("lora" in k for k in merged.state_dict())

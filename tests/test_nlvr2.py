@@ -84,6 +84,16 @@ def check_eval_files(output_dir, num_samples):
         assert len(result["predictions"]) == len(result["answers"]) == num_samples
         assert all(isinstance(p, str) for p in result["predictions"])
         assert result["answers"][0] in ("True", "False")
+        # Confusion matrix: rows False/True (gold), columns False/True/(other); every row counted once.
+        cm = result["confusion_matrix"]
+        assert cm["labels"] == ["False", "True"] and cm["columns"] == ["False", "True", "(other)"]
+        assert sum(map(sum, cm["matrix"])) == result["num_samples"] == num_samples
+        assert [sum(row) for row in cm["matrix"]] == [result["answers"].count(a) for a in ("False", "True")]
+        assert cm["matrix"][0][0] + cm["matrix"][1][1] == round(result["accuracy"] * num_samples)
+    for name in ("loss_curve.png", "confusion_matrix.png"):
+        with Image.open(output_dir / name) as image:  # a real PNG, not just a file with that name
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+            image.load()
 
 
 def train_losses(output_dir):
@@ -145,6 +155,59 @@ def test_collator_masks_prompts_of_every_turn(tiny_model_dir):
 
     # The length filter counts exactly what the collator builds, without running the image processor.
     assert module.conversation_length(tokenizer, two_turns["texts"], [(64, 64), (80, 40)], 1) == n
+
+
+def test_confusion_matrix():
+    module = load_script()
+    predictions = ["True.", " false", "True", "maybe", "false"]
+    answers = ["true", "False", "False", "True", "unknown"]
+    assert module.confusion_matrix(predictions, answers) == {
+        "labels": ["False", "True", "unknown"],  # False/True always (fixed order), then other gold answers
+        "columns": ["False", "True", "unknown", "(other)"],
+        "matrix": [[1, 1, 0, 0], [0, 1, 0, 1], [1, 0, 0, 0]],  # matched as the accuracy (strip ".", case)
+    }
+
+
+def test_save_plots(tmp_path, monkeypatch):
+    """loss_curve.png draws the training loss, the held-out loss and the learning rate (second axis)."""
+    from matplotlib.figure import Figure
+
+    module = load_script()
+    drawn = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = {line.get_label(): line.get_xydata().tolist()
+                                  for ax in fig.axes for line in ax.get_lines()}
+        drawn[Path(path).name + " axes"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    history = [
+        {"step": 1, "loss": 2.0, "learning_rate": 1e-3},
+        {"step": 1, "eval_loss": 2.5},
+        {"step": 2, "loss": 1.0, "learning_rate": 0.0},
+        {"step": 2, "eval_loss": 1.5},
+        {"step": 2, "train_runtime": 1.0, "train_loss": 1.5},
+    ]
+    result = {"accuracy": 0.5, "num_samples": 2,
+              "confusion_matrix": module.confusion_matrix(["True", ""], ["True", "False"])}
+    module.save_plots(tmp_path, history, result)
+    assert drawn["loss_curve.png"] == {
+        "train loss": [[1, 2.0], [2, 1.0]],
+        "held-out loss": [[1, 2.5], [2, 1.5]],
+        "learning rate": [[1, 1e-3], [2, 0.0]],
+    }
+    assert drawn["loss_curve.png axes"] == [("step", "loss"), ("", "learning rate")]
+    for name in ("loss_curve.png", "confusion_matrix.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+
+    # Without held-out rows (eval_after None): the loss curve only.
+    (tmp_path / "confusion_matrix.png").unlink()
+    module.save_plots(tmp_path, history[:1], None)
+    assert drawn["loss_curve.png"] == {"train loss": [[1, 2.0]], "learning rate": [[1, 1e-3]]}
+    assert not (tmp_path / "confusion_matrix.png").exists()
 
 
 def test_argument_checks_and_length_filter(tiny_model_dir, nlvr2_dir, capsys):

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 
 from .configuration_phi3_v import Phi3VConfig
 from .modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
+from .packing import pack_examples
 from .processing_phi3_v import Phi3VImageProcessor, Phi3VProcessor, num_image_tokens
 from .training import fix_4bit_cpu_gradients, lora_target_modules
 
@@ -29,6 +30,7 @@ __all__ = [
     "Phi3VImageProcessor",
     "Phi3VProcessor",
     "num_image_tokens",
+    "pack_examples",
     "lora_target_modules",
     "fix_4bit_cpu_gradients",
 ]

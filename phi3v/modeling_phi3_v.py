@@ -30,6 +30,10 @@ Differences from the official remote code, none of which changes a number:
   when the Trainer passes it, i.e. per token across gradient accumulation. `logits` is then None.
 * A training step on a batch without images still touches the vision tower (x0), so distributed
   runs where only some ranks see images do not hang.
+* Padding-free packing (`phi3v.pack_examples`): several samples in one row, `position_ids`
+  restarting at each sample and no `attention_mask`. transformers' mask builders (sdpa, eager) keep
+  attention inside each sample, and flash_attention_2 runs its varlen kernel with `cu_seqlens`
+  taken from the restarts. Each sample gives what it gives alone.
 """
 
 from __future__ import annotations
@@ -113,11 +117,11 @@ class Phi3VImageEmbedding(nn.Module):
         merged = features.reshape(n, side // 2, 2, side // 2, 2, dim).permute(0, 1, 3, 2, 4, 5)
         return merged.reshape(n, side // 2, side // 2, 4 * dim)
 
-    def _with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
-        """[H, W, 4C] -> [H * (W + 1), 4C], with sub_GN closing every row."""
-        rows = grid.shape[0]
-        separators = self.sub_GN.reshape(1, 1, -1).expand(rows, 1, -1)
-        return torch.cat([grid, separators], dim=1).reshape(-1, grid.shape[-1])
+    def _with_row_separators(self, grids: torch.Tensor) -> torch.Tensor:
+        """[n, H, W, 4C] -> [n, H * (W + 1), 4C], with sub_GN closing every row."""
+        n, rows = grids.shape[:2]
+        separators = self.sub_GN.reshape(1, 1, 1, -1).expand(n, rows, 1, -1)
+        return torch.cat([grids, separators], dim=2).reshape(n, -1, grids.shape[-1])
 
     def image_tokens(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """Projected tokens of all images, concatenated in order: [sum of tokens per image, hidden]."""
@@ -129,24 +133,29 @@ class Phi3VImageEmbedding(nn.Module):
         if len(image_sizes) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images in pixel_values but {len(image_sizes)} image_sizes")
         grids = [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes]
-        for (rows, cols), slots in zip(grids, [pixel_values.shape[1]] * len(grids)):
+        slots = pixel_values.shape[1]
+        for rows, cols in grids:
             if rows * cols + 1 > slots:
                 raise ValueError(f"image_sizes ask for {rows}x{cols} crops but pixel_values has {slots} slots")
 
-        # Encode only the real crops: slot 0 (global image) + rows*cols sub-crops of each image.
-        real = [pixel_values[i, : 1 + rows * cols] for i, (rows, cols) in enumerate(grids)]
-        features = self.crop_features(torch.cat(real, dim=0))
-        features = self._merge_2x2(features)
+        # Encode only the real crops, in one CLIP batch: the global crops of all images first, then
+        # the rows*cols sub-crops of each image. One `split` hands the features back out (its
+        # backward is a single concatenation; indexing per image would allocate a gradient the
+        # size of the whole batch once per image).
+        sub_counts = [rows * cols for rows, cols in grids]
+        sub_crops = [pixel_values[i, 1 : 1 + count] for i, count in enumerate(sub_counts)]
+        features = self._merge_2x2(self.crop_features(torch.cat([pixel_values[:, 0], *sub_crops])))
+        global_features, *sub_features = features.split([len(grids), *sub_counts])
+        side = global_features.shape[1]
+        global_tokens = self._with_row_separators(global_features).unbind(0)
 
-        tokens, start = [], 0
+        tokens = []
         glb_gn = self.glb_GN.reshape(1, -1)
-        for rows, cols in grids:
-            global_crop, sub_crops = features[start], features[start + 1 : start + 1 + rows * cols]
-            start += 1 + rows * cols
-            side = global_crop.shape[0]
-            sub_grid = sub_crops.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
-            sub_grid = sub_grid.reshape(rows * side, cols * side, -1)
-            tokens += [self._with_row_separators(sub_grid), glb_gn, self._with_row_separators(global_crop)]
+        for (rows, cols), sub, global_image in zip(grids, sub_features, global_tokens):
+            # Sub-crops are in row-major order: stitch them into one (rows*12) x (cols*12) grid.
+            grid = sub.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
+            grid = grid.reshape(1, rows * side, cols * side, -1)
+            tokens += [self._with_row_separators(grid)[0], glb_gn, global_image]
         projection_in = torch.cat(tokens, dim=0)
         first = self.img_projection[0]
         return self.img_projection(projection_in.to(device=first.bias.device, dtype=first.bias.dtype))
@@ -230,6 +239,12 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             if input_ids is None:
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
             inputs_embeds = self.vision_embed_tokens(input_ids, self.embed_tokens, pixel_values, image_sizes)
+        if attention_mask is None and past_key_values is None and position_ids is not None and use_cache is not False:
+            # A packed row (`pack_examples`: positions restart at every sample, no mask). transformers
+            # finds the sample boundaries from the restarts only when no cache is passed, so the cache
+            # that use_cache=True (the config default) creates would let samples attend to each other.
+            if bool((position_ids.diff(dim=-1) != 1).any()):
+                use_cache = False
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Positions restart after padding, so each row of a padded batch gives what it gives alone.
             past = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -16,7 +16,7 @@ from .configuration_phi3_v import Phi3VConfig
 from .modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
 from .packing import pack_examples
 from .processing_phi3_v import Phi3VImageProcessor, Phi3VProcessor, num_image_tokens
-from .training import fix_4bit_cpu_gradients, lora_target_modules
+from .training import fix_4bit_cpu_gradients, last_complete_checkpoint, lora_target_modules
 
 AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
@@ -33,4 +33,5 @@ __all__ = [
     "pack_examples",
     "lora_target_modules",
     "fix_4bit_cpu_gradients",
+    "last_complete_checkpoint",
 ]

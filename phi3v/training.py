@@ -52,3 +52,36 @@ def fix_4bit_cpu_gradients(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that was written to the end, or None.
+
+    transformers' Trainer writes `trainer_state.json` last when it saves a checkpoint, so a run
+    killed while saving leaves a folder without it (or with a cut-off file). `get_last_checkpoint`
+    would pick that folder and the resume would fail or silently start from broken state; this
+    skips it and warns.
+    """
+    import json
+    import os
+    import re
+    import warnings
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(match.group(1)), name))
+    for _, name in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            warnings.warn(f"{folder} is incomplete (no readable trainer_state.json; the run was probably "
+                          "killed while saving it): skipped for resuming", stacklevel=2)
+            continue
+        return folder
+    return None

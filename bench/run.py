@@ -1,0 +1,334 @@
+"""Training throughput and memory of Phi-3.5-vision fine-tuning: the original recipe against phi3v.
+
+    python -m bench.run --device cuda --workload docvqa            # full-size model, random weights
+    python -m bench.run --device cpu --strategies lora --attn sdpa  # mid-size model
+    python -m bench.run --quick                                     # smoke test, tiny model
+
+For every training strategy (full, frozen_vision, lora, qlora) and attention backend (sdpa, eager,
+flash_attention_2 when installed) it runs two configurations, each in a fresh process:
+
+* baseline, the original recipe's behaviour: one sample per micro-batch, CLIP on all num_crops + 1
+  slots (padding crops included), fp32 logits of the whole vocabulary at every position for the
+  loss, generation one prompt at a time;
+* ours: micro-batches of --batch_size samples grouped by length (known from the image sizes, without
+  decoding pixels), packed into one padding-free row with flash_attention_2 (see --packing), CLIP on
+  the real crops only, logits of the supervised positions only, batched left-padded generation.
+
+Then, for the first strategy and backend, each lever alone on top of the baseline (+batching,
++real crops only, +supervised-only loss, +packing), with the training FLOPs each removes per sample
+for the full-size architecture. Also the image processor's per-core speed (bench.preprocess).
+
+It measures images/s, non-padding tokens/s, CLIP crops/s, the share of step time spent waiting for
+data, peak memory (torch.cuda.max_memory_allocated, or the process's peak RSS on CPU), generations/s
+and, on GPU, MFU counting decoder and CLIP FLOPs (bench.flops). Writes results.json and results.md to
+--output_dir and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("full", "frozen_vision", "lora", "qlora")
+BASELINE = dict(batch_size=1, group_by_length=False, packed=False, all_slots=True, full_vocab_loss=True,
+                eval_batched=False)
+LEVERS = {  # each on its own, on top of the baseline; batch_size None means --batch_size
+    "+batching": dict(batch_size=None, group_by_length=True),
+    "+real crops only": dict(all_slots=False),
+    "+supervised-only loss": dict(full_vocab_loss=False),
+    "+packing": dict(batch_size=None, packed=True),
+}
+OURS = dict(batch_size=None, group_by_length=True, packed=None, all_slots=False, full_vocab_loss=False,
+            eval_batched=True)  # packed None: --packing decides
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workload", choices=["docvqa", "video"], default="docvqa")
+    add("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    add("--attn", help="comma-separated backends (default: sdpa,eager, plus flash_attention_2 on GPU when installed)")
+    add("--mode", choices=["both", "baseline", "ours"], default="both")
+    add("--no_ablation", action="store_true", help="skip the one-lever-at-a-time rows")
+    add("--steps", type=int, help="measured micro-steps of `ours`; every configuration trains on the same "
+                                  "steps x batch_size samples (default: 2 on CPU, 5 on GPU)")
+    add("--warmup_steps", type=int, default=1, help="unmeasured micro-steps of `ours` (same rule)")
+    add("--batch_size", type=int, help="samples per micro-batch for `ours` (default: 2 on CPU, 8 on GPU)")
+    add("--packing", choices=["auto", "on", "off"], default="auto",
+        help="pack `ours` micro-batches into one padding-free row: auto = with flash_attention_2 only, the "
+             "backend that computes each packed sample's own causal block (sdpa and eager compute the "
+             "row's whole L x L matrix, so there length-grouped padded batches are cheaper)")
+    add("--samples_per_update", type=int, default=8, help="samples per optimizer step (gradient accumulation)")
+    add("--eval_samples", type=int, help="prompts generated for eval generations/s (default: 4 on CPU, 16 on GPU)")
+    add("--eval_batch_size", type=int, help="prompts per batched generate call (default: all of them)")
+    add("--max_new_tokens", type=int, help="tokens generated per prompt (default: 8 on CPU, 32 on GPU)")
+    add("--model_size", choices=["tiny", "mid", "full"], help="default: full on GPU, mid on CPU, tiny with --quick")
+    add("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
+    add("--num_workers", type=int, help="DataLoader workers (default: 8 on GPU, 0 on CPU)")
+    add("--cpu_threads", type=int, help="torch threads per configuration (default: torch's choice); "
+                                        "1 makes CPU-seconds per sample a per-core cost, steadier on a shared machine")
+    add("--no_gradient_checkpointing", action="store_true", help="the recipes checkpoint; this turns it off")
+    add("--lora_rank", type=int, default=32)
+    add("--lora_alpha", type=int, default=16)
+    add("--peak_tflops", type=float, help="accelerator peak for MFU (default: known from the GPU name)")
+    add("--quick", action="store_true", help="tiny model, tiny images, few steps: a smoke test")
+    add("--no_preprocess", action="store_true", help="skip the image processor measurement")
+    add("--output_dir", default="outputs/bench")
+    add("--timeout", type=int, default=3600, help="seconds allowed per configuration")
+    add("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    gpu, quick = args.device == "cuda", args.quick
+    defaults = dict(
+        steps=2 if quick or not gpu else 5,
+        batch_size=2 if quick or not gpu else 8,
+        eval_samples=2 if quick else (16 if gpu else 4),
+        max_new_tokens=2 if quick else (32 if gpu else 8),
+        model_size="tiny" if quick else ("full" if gpu else "mid"),
+        dtype="bfloat16" if gpu else "float32",
+        num_workers=8 if gpu else 0,
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.eval_batch_size = args.eval_batch_size or args.eval_samples
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    if unknown := set(args.strategies) - set(STRATEGIES):
+        p.error(f"unknown strategies {sorted(unknown)}")
+    if args.attn is None:
+        from transformers.utils import is_flash_attn_2_available
+
+        args.attn = "sdpa,eager" + (",flash_attention_2" if gpu and is_flash_attn_2_available() else "")
+    args.attn = [a for a in args.attn.split(",") if a]
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU")
+    return args
+
+
+def plan_runs(args) -> list[dict]:
+    common = dict(
+        device=args.device, dtype=args.dtype, model_size=args.model_size, workload=args.workload, quick=args.quick,
+        samples=args.steps * args.batch_size, warmup_samples=args.warmup_steps * args.batch_size,
+        samples_per_update=args.samples_per_update, eval_batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens, num_workers=args.num_workers,
+        gradient_checkpointing=not args.no_gradient_checkpointing, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, peak_tflops=args.peak_tflops, seed=args.seed, cpu_threads=args.cpu_threads,
+        model_dir=str(Path(args.output_dir).resolve() / f"model-{args.model_size}"),
+    )
+    runs = []
+
+    def add(label, strategy, attn, settings, eval_samples):
+        settings = {**settings, "batch_size": settings["batch_size"] or args.batch_size}
+        if settings["packed"] is None:
+            settings["packed"] = args.packing == "on" or (args.packing == "auto" and attn.startswith("flash_attention"))
+        runs.append({**common, **settings, "label": label, "strategy": strategy, "attn": attn,
+                     "eval_samples": eval_samples, "name": f"{args.workload}-{strategy}-{attn}-{label}"})
+
+    modes = ["baseline", "ours"] if args.mode == "both" else [args.mode]
+    for strategy in args.strategies:
+        for attn in args.attn:
+            for mode in modes:
+                add(mode, strategy, attn, BASELINE if mode == "baseline" else OURS, args.eval_samples)
+    if args.mode == "both" and not args.no_ablation:
+        for label, lever in LEVERS.items():
+            add(label, args.strategies[0], args.attn[0], {**BASELINE, **lever}, 0)
+    return runs
+
+
+def run_in_subprocess(module: str, argv: list[str], log: Path, timeout: int) -> int:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    with open(log, "w") as out:
+        try:
+            return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            out.write(f"\ntimed out after {timeout} s\n")
+            return -1
+
+
+def run_config(cfg: dict, out_dir: Path, timeout: int) -> dict:
+    runs_dir = out_dir / "runs"
+    config_path, result_path = runs_dir / f"{cfg['name']}.config.json", runs_dir / f"{cfg['name']}.json"
+    config_path.write_text(json.dumps(cfg, indent=2))
+    result_path.unlink(missing_ok=True)
+    log = runs_dir / f"{cfg['name']}.log"
+    code = run_in_subprocess("bench.worker", [str(config_path), str(result_path)], log, timeout)
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    return {**cfg, "error": f"worker exited with {code}: {tail}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def fmt(value, digits=2):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def gib(n):
+    return None if n is None else n / 2**30
+
+
+def ratio(a, b):
+    return None if not a or not b else a / b
+
+
+def batching(run: dict) -> str:
+    size = run["batch_size"]
+    return "1" if size == 1 else f"{size} {'packed' if run['packed'] else 'padded'}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(meta: dict, results: list[dict], preprocess: list[dict] | None) -> str:
+    gpu = meta["device"] == "cuda"
+    out = [f"## Benchmark: {meta['workload']} on {meta['device_name']}", "",
+           f"Model: {meta['model_size']} ({meta['model_params'] / 1e6:,.0f}M parameters, random weights, "
+           f"{meta['dtype']}). "
+           f"Samples: {meta['samples']} measured after {meta['warmup_samples']} warm-up, "
+           f"{fmt(meta.get('mean_tokens_per_sample'), 0)} tokens/sample on average, num_crops {meta.get('num_crops')}. "
+           f"Optimizer step every {meta['samples_per_update']} samples. "
+           f"Gradient checkpointing: {'on' if meta['gradient_checkpointing'] else 'off'}. "
+           f"Load average before/after: {meta['load_before']} / {meta['load_after']}."
+           + ("" if gpu else " Wall-clock rates (img/s, s/step, gen/s) move with other jobs on a shared machine; "
+              "CPU s/sample and CPU s/gen are the process's CPU time, steadier."), ""]
+    ok = [r for r in results if "error" not in r]
+    speed = "MFU %" if gpu else "model TFLOP/s"
+    rows = []
+    for r in results:
+        if "error" in r:
+            error = "error: " + r["error"].strip().splitlines()[-1][:80]
+            rows.append([r["name"], batching(r), error] + [""] * (9 if gpu else 10))
+            continue
+        rows.append([r["name"], batching(r), r["img_per_s"], r["tokens_per_s"], r["real_crops_per_s"],
+                     r["encoded_crops_per_s"], 100 * r["data_wait_fraction"], r["step_seconds"],
+                     *([] if gpu else [r["cpu_seconds_per_sample"]]),
+                     gib(r["peak_memory_bytes"]), r.get("eval_generations_per_s"),
+                     100 * r["mfu"] if gpu and r.get("mfu") else r["model_tflops_per_s"] if not gpu else None,
+                     r["executed_tflops_per_sample_full_arch"]])
+    out += [table(["configuration", "batch", "img/s", "tokens/s", "real crops/s", "CLIP crops/s", "data wait %",
+                   "s/step", *([] if gpu else ["CPU s/sample"]), "peak mem GiB", "eval gen/s", speed,
+                   "TFLOP/sample (full size)"], rows), ""]
+
+    by_key = {(r["strategy"], r["attn"], r["label"]): r for r in ok}
+    pairs = []
+    for r in ok:
+        if r["label"] == "ours" and (base := by_key.get((r["strategy"], r["attn"], "baseline"))):
+            cpu = [] if gpu else [base["cpu_seconds_per_sample"], r["cpu_seconds_per_sample"],
+                                  ratio(base["cpu_seconds_per_sample"], r["cpu_seconds_per_sample"])]
+            eval_cpu = [] if gpu else [base.get("eval_cpu_seconds_per_generation"),
+                                       r.get("eval_cpu_seconds_per_generation"),
+                                       ratio(base.get("eval_cpu_seconds_per_generation"),
+                                             r.get("eval_cpu_seconds_per_generation"))]
+            pairs.append([r["strategy"], r["attn"], base["img_per_s"], r["img_per_s"],
+                          ratio(r["img_per_s"], base["img_per_s"]), *cpu,
+                          gib(base["peak_memory_bytes"]), gib(r["peak_memory_bytes"]),
+                          base.get("eval_generations_per_s"), r.get("eval_generations_per_s"),
+                          ratio(r.get("eval_generations_per_s"), base.get("eval_generations_per_s")), *eval_cpu])
+    if pairs:
+        cpu = [] if gpu else ["CPU s/sample baseline", "CPU s/sample ours", "x"]
+        eval_cpu = [] if gpu else ["CPU s/gen baseline", "CPU s/gen ours", "x"]
+        out += ["Ours against the baseline (x: how many times faster):", "",
+                table(["strategy", "attention", "img/s baseline", "img/s ours", "x", *cpu, "peak GiB baseline",
+                       "peak GiB ours", "gen/s baseline", "gen/s ours", "x", *eval_cpu], pairs), ""]
+
+    levers = [r for r in results if r["label"] not in ("baseline", "ours")]
+    if levers:
+        first = levers[0]
+        base = by_key.get((first["strategy"], first["attn"], "baseline"))
+        ours = by_key.get((first["strategy"], first["attn"], "ours"))
+        rows = []
+        for r in [base, *levers, ours]:
+            if r is None:
+                continue
+            label = "combined (ours)" if r is ours else r["label"]
+            if "error" in r:
+                rows.append([label, "error"] + [""] * (4 if gpu else 6))
+                continue
+            flops = r["executed_tflops_per_sample_full_arch"]
+            removed = base["executed_tflops_per_sample_full_arch"] - flops if base else None
+            cpu = [] if gpu else [r["cpu_seconds_per_sample"],
+                                  ratio(base and base["cpu_seconds_per_sample"], r["cpu_seconds_per_sample"])]
+            rows.append([label, r["img_per_s"], ratio(r["img_per_s"], base and base["img_per_s"]), *cpu,
+                         gib(r["peak_memory_bytes"]), flops, removed])
+        out += [f"Each lever alone on the baseline ({first['strategy']}, {first['attn']}); FLOPs are analytic, for the "
+                "full-size architecture and these samples:", "",
+                table(["configuration", "img/s", "x baseline", *([] if gpu else ["CPU s/sample", "x baseline"]),
+                       "peak mem GiB", "TFLOP/sample executed", "TFLOP/sample removed"], rows), ""]
+    if preprocess:
+        rows = [[p["image"], p["num_crops"], p["plain_ms"], p["phi3v_ms"], p["phi3v_img_per_s_per_core"],
+                 p["speedup_per_core"], p["max_abs_diff"]] for p in preprocess]
+        out += ["Image preprocessing, one thread (CPU time per image):", "",
+                table(["image", "num_crops", "plain path ms", "phi3v ms", "phi3v img/s/core", "x", "max |diff|"], rows), ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.output_dir)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in vars(args).items()}
+    meta.update(
+        device_name=torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()}), "
+        f"{os.cpu_count()} cores, {args.cpu_threads or torch.get_num_threads()} torch threads",
+        load_before=fmt(os.getloadavg()[0]), torch=torch.__version__,
+        samples=args.steps * args.batch_size, warmup_samples=args.warmup_steps * args.batch_size,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+    )
+    preprocess = None
+    if not args.no_preprocess:
+        path = out_dir / "runs" / "preprocess.json"
+        argv = ["--output", str(path)] + (["--quick", "--repeats", "3"] if args.quick else [])
+        if run_in_subprocess("bench.preprocess", argv, out_dir / "runs" / "preprocess.log", args.timeout) == 0:
+            preprocess = json.loads(path.read_text())
+
+    results = []
+    for cfg in plan_runs(args):
+        start = time.time()
+        result = run_config(cfg, out_dir, args.timeout)
+        results.append(result)
+        status = result["error"].strip().splitlines()[-1] if "error" in result else (
+            f"{result['img_per_s']:.3f} img/s, peak {gib(result['peak_memory_bytes']):.2f} GiB")
+        print(f"[{time.time() - start:6.1f} s] {cfg['name']}: {status}", flush=True)
+
+    ok = [r for r in results if "error" not in r]
+    meta["load_after"] = fmt(os.getloadavg()[0])
+    if ok:
+        meta.update(mean_tokens_per_sample=ok[0]["mean_tokens_per_sample"], num_crops=ok[0]["num_crops"])
+    from phi3v import Phi3VForCausalLM
+
+    from .worker import model_config
+
+    with torch.device("meta"):  # shapes only
+        meta["model_params"] = sum(p.numel() for p in Phi3VForCausalLM(model_config(args.model_size)).parameters())
+    report = markdown(meta, results, preprocess)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "runs": results, "preprocess": preprocess}, indent=2))
+    (out_dir / "results.md").write_text(report + "\n")
+    print()
+    print(report)
+    return 0 if len(ok) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

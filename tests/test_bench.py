@@ -1,0 +1,95 @@
+"""The benchmark (`python -m bench.run`): a CPU smoke run, and the pieces its numbers rest on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import phi3v
+from bench.baseline import encode_all_slots, full_vocab_loss
+from bench.flops import Architecture, batch_counts
+from bench.worker import model_config
+from bench.workloads import SampleDataset, length_grouped_batches, make_samples, pad_collate
+from conftest import REPO, script_env
+
+
+def test_quick_cpu_run_writes_positive_measurements(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--strategies", "full", "--attn", "sdpa",
+         "--no_ablation", "--steps", "1", "--output_dir", str(out)],
+        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Ours against the baseline" in proc.stdout and (out / "results.md").exists()
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["label"]: r for r in results["runs"]}
+    assert set(runs) == {"baseline", "ours"} and not any("error" in r for r in runs.values())
+    for run in runs.values():
+        for key in ("img_per_s", "tokens_per_s", "real_crops_per_s", "encoded_crops_per_s", "step_seconds",
+                    "peak_memory_bytes", "eval_generations_per_s", "model_tflops_per_s",
+                    "executed_tflops_per_sample_full_arch"):
+            assert run[key] > 0, key
+        assert 0 <= run["data_wait_fraction"] < 1 and run["measured_samples"] == 2
+        assert run["mfu"] is None  # CPU: no accelerator peak
+    base, ours = runs["baseline"], runs["ours"]
+    assert base["batch_size"] == 1 and ours["batch_size"] == 2
+    # The baseline runs CLIP on the padding slots too and builds the logits of every position.
+    assert base["encoded_crops_per_s"] > base["real_crops_per_s"]
+    assert base["executed_tflops_per_sample_full_arch"] > ours["executed_tflops_per_sample_full_arch"]
+    for row in results["preprocess"]:
+        assert row["max_abs_diff"] == 0 and row["phi3v_ms"] > 0 and row["plain_ms"] > 0
+
+
+def test_baseline_costs_change_no_number(tiny_model_dir):
+    """The all-slot CLIP pass and the full-vocabulary loss give phi3v's loss and gradients."""
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    samples, num_crops = make_samples("docvqa", 2, quick=True)
+    batch = pad_collate([SampleDataset(samples, processor, num_crops)[i] for i in range(2)], 32000)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = loss_and_grads(lambda: model(**batch).loss)
+    encode_all_slots(model)
+    base, base_grads = loss_and_grads(lambda: full_vocab_loss(model, batch))
+    torch.testing.assert_close(base, ours, rtol=1e-5, atol=1e-6)
+    assert base_grads.keys() == ours_grads.keys()
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(base_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lengths_are_known_without_pixels_and_grouping_keeps_every_sample(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    samples, num_crops = make_samples("docvqa", 7, quick=True)
+    dataset = SampleDataset(samples, processor, num_crops)
+    assert [len(dataset[i]["input_ids"]) for i in range(7)] == dataset.lengths
+    batches = length_grouped_batches(dataset.lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(7)) and [len(b) for b in batches][0] == 3
+    assert max(dataset.lengths[i] for i in batches[0]) == max(dataset.lengths)  # longest first
+
+
+def test_flops_model_matches_the_published_parameter_counts():
+    arch = Architecture.from_config(model_config("full"))
+    language = arch.decoder_params + 2 * arch.hidden * arch.vocab  # + norms (a few 100k)
+    assert abs(language - 3_821_079_552) / 3_821_079_552 < 1e-4
+    clip_all_layers = 24 * arch.vision_layer_params + arch.patch_params
+    assert abs(clip_all_layers - 303_507_456) / 303_507_456 < 5e-3  # + biases, norms, positions
+    assert arch.vision_layers_used == 23
+    with torch.device("meta"):
+        assert sum(p.numel() for p in phi3v.Phi3VForCausalLM(model_config("full")).parameters()) == 4_146_621_440
+    # One crop through 23 CLIP layers, trained: about 6 x 290M x 577 FLOPs.
+    assert 0.95e12 < arch.crop_flops("full") < 1.15e12
+    stats = dict(lengths=[2000, 2400], supervised=10, real_crops=30, slots=34, image_tokens=4000, packed=False,
+                 all_slots=True, full_vocab_loss=True, attn="sdpa")
+    useful = arch.step_flops("full", **batch_counts(stats, executed=False))
+    executed = arch.step_flops("full", **batch_counts(stats, executed=True))
+    assert executed > useful  # padding, padding crops, full-vocabulary logits, masked attention
+    assert batch_counts({**stats, "attn": "flash_attention_2"}, executed=True)["length_squared"] == 2000**2 + 2400**2

@@ -120,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--wd", type=float, default=0.01, help="weight decay")
     train.add_argument("--warmup_steps", type=int, default=50)
     train.add_argument("--output_dir", default="./output/")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="allow an --output_dir that holds a finished run (eval_after.json, a saved model or "
+                            "adapter); its files are replaced as the new run writes them, nothing is deleted first")
     train.add_argument("--no-tqdm", dest="no_tqdm", action="store_true", help="no progress bars")
     train.add_argument("--logging_steps", type=int, default=10)
     train.add_argument("--save_steps", type=int, default=0,
@@ -166,12 +169,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--use_qlora needs bitsandbytes (pip install bitsandbytes)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size_per_gpu < 1 or args.batch_size % (world_size * args.batch_size_per_gpu) != 0:
+    if args.batch_size_per_gpu < 1 or args.batch_size < 1:
+        parser.error(f"--batch_size ({args.batch_size}) and --batch_size_per_gpu ({args.batch_size_per_gpu}) "
+                     "must be >= 1")
+    if args.batch_size % (world_size * args.batch_size_per_gpu) != 0:
         parser.error(f"--batch_size {args.batch_size} must be a multiple of world size {world_size} x "
                      f"--batch_size_per_gpu {args.batch_size_per_gpu}")
     if args.eval_size < 0:
         parser.error("--eval_size must be >= 0")
+    if args.dataset_path is not None:
+        problem = dataset_path_problem(Path(args.dataset_path))
+        if problem:
+            parser.error(f"--dataset_path {args.dataset_path}: {problem}")
+    finished = finished_run_files(Path(args.output_dir))
+    if finished and not args.overwrite_output_dir:
+        parser.error(f"--output_dir {args.output_dir} already holds a finished run ({', '.join(finished)}); "
+                     "choose another --output_dir, or add --overwrite_output_dir to train into it anyway")
     return args
+
+
+# A run is finished once it saved its model (or adapter) and history; checkpoint-* folders alone mean
+# an unfinished run, which --resume_from_checkpoint continues in the same --output_dir.
+FINISHED_RUN_FILES = ("eval_after.json", "log_history.json", "model.safetensors", "model.safetensors.index.json",
+                      "pytorch_model.bin", "adapter_model.safetensors", "merged")
+
+
+def finished_run_files(output_dir: Path) -> list[str]:
+    return [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+
+
+def dataset_path_problem(path: Path) -> str | None:
+    """Why `load_data` cannot read --dataset_path, or None. Cheap: only looks at file names."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_file():
+        return None if path.suffix == ".parquet" else "is a file but not a .parquet file"
+    if any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        return None
+    if not glob.glob(str(path / "**" / "*.parquet"), recursive=True):
+        return ("is neither a save_to_disk folder (no state.json or dataset_dict.json) nor a folder of "
+                ".parquet files")
+    return None
 
 
 def uses_deepspeed(args) -> bool:
@@ -650,6 +688,10 @@ def save_merged(model, processor, args, is_main: bool):
 def main(argv=None):
     args = parse_args(argv)
     set_single_process_env(args)
+    finished = finished_run_files(Path(args.output_dir))
+    if finished and int(os.environ.get("RANK", "0")) == 0:
+        print(f"--overwrite_output_dir: {args.output_dir} holds a finished run ({', '.join(finished)}); "
+              "the new run replaces these files as it writes its own")
     training_args = make_training_args(args)  # before the model: sets up the process group (and DeepSpeed)
     is_main = training_args.process_index == 0
     set_seed(args.seed)  # LoRA weights are drawn before the Trainer sets its seed

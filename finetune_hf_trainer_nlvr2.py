@@ -105,6 +105,9 @@ def parse_args(argv=None):
     )
     # Output, logging, checkpoints
     parser.add_argument("--output_dir", default="./output/")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="allow writing into an --output_dir that holds a finished run or another run's "
+                             "checkpoints; files are written over, nothing is deleted")
     parser.add_argument("--no-tqdm", dest="no_tqdm", action="store_true", help="disable progress bars")
     parser.add_argument("--logging_steps", type=int, default=10)
     parser.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
@@ -120,7 +123,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N held-out rows")
     parser.add_argument("--max_length", type=int, default=8192,
-                        help="drop training conversations longer than this (tokens, images included); 0 = no limit")
+                        help="longest training conversation (tokens, images included); longer rows are reported "
+                             "as invalid, never truncated; 0 = no limit")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     # Evaluation
     parser.add_argument("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps")
@@ -164,6 +168,12 @@ def validate_args(parser, args):
                      f"--batch_size_per_gpu {args.batch_size_per_gpu}")
     if args.lora_rank < 1:
         parser.error("--lora_rank must be >= 1")
+    if args.max_length < 0:
+        parser.error("--max_length must be >= 0 (0 = no limit)")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        parser.error("--eval_batch_size must be >= 1")
     if args.eval_size < 0:
         parser.error("--eval_size must be >= 0")
     if args.eval_steps > 0 and (args.eval_size == 0 or args.max_eval_loss_samples < 1 or args.max_eval_samples == 0):
@@ -171,6 +181,10 @@ def validate_args(parser, args):
                      "--eval_size, --max_eval_loss_samples (and --max_eval_samples) > 0")
     if not args.use_lora and args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed config {args.deepspeed} not found")
+    if args.dataset_path is not None:
+        problem = dataset_path_problem(Path(args.dataset_path))
+        if problem:
+            parser.error(f"--dataset_path {args.dataset_path}: {problem}")
     if args.resume_from_checkpoint == "latest":
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -180,6 +194,49 @@ def validate_args(parser, args):
         args.resume_from_checkpoint = last
     elif args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
+    check_output_dir(parser, args)
+
+
+# Files that only a run that got to the end writes (the final model or adapter, its logs, its evaluation).
+FINISHED_RUN_FILES = ("eval_after.json", "log_history.json", "model.safetensors", "model.safetensors.index.json",
+                      "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json", "merged")
+
+
+def check_output_dir(parser, args):
+    """Never write over a finished run, nor start afresh over another run's checkpoints, by accident.
+
+    Resuming (--resume_from_checkpoint) an unfinished run in the same folder is what checkpoints are for.
+    """
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        return
+    finished = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    if args.overwrite_output_dir:
+        if finished or checkpoints:
+            print(f"--overwrite_output_dir: {output_dir} already holds {', '.join(finished + checkpoints)}; "
+                  "files of this run will be written over them (nothing is deleted)")
+        return
+    if finished:
+        parser.error(f"--output_dir {output_dir} already holds a finished run ({', '.join(finished)}); "
+                     "choose another --output_dir, or pass --overwrite_output_dir to write over it")
+    if checkpoints and not args.resume_from_checkpoint:
+        parser.error(f"--output_dir {output_dir} holds checkpoints of an unfinished run ({', '.join(checkpoints)}); "
+                     "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
+
+
+def dataset_path_problem(path):
+    """What is missing at --dataset_path (None when it looks loadable): see load_data for the accepted forms."""
+    if not path.exists():
+        return "no such file or folder"
+    if path.is_file():
+        return None if path.suffix == ".parquet" else "not a .parquet file (nor a save_to_disk folder)"
+    if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        return None
+    if next(path.rglob("*.parquet"), None) is None:
+        return ("the folder holds neither a save_to_disk dataset (state.json or dataset_dict.json) "
+                "nor any *.parquet file")
+    return None
 
 
 def set_single_process_env():

@@ -115,7 +115,8 @@ def parse_args(argv=None):
                         help="0 = only the final save; > 0 = resumable checkpoints")
     parser.add_argument("--save_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="checkpoint folder, or 'latest' (newest in output_dir)")
+                        help="checkpoint folder, or 'latest' (newest complete checkpoint-N in output_dir; "
+                             "one cut off by a kill during its save is skipped with a warning)")
     # Data
     parser.add_argument("--dataset_path", default=None,
                         help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet)")
@@ -186,11 +187,13 @@ def validate_args(parser, args):
         if problem:
             parser.error(f"--dataset_path {args.dataset_path}: {problem}")
     if args.resume_from_checkpoint == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
+        import phi3v
 
-        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        # Skips (and warns about) a checkpoint-N left without trainer_state.json by a kill during its save.
+        last = phi3v.last_complete_checkpoint(args.output_dir)
         if last is None:
-            parser.error(f"--resume_from_checkpoint latest: no checkpoint-* folder in {args.output_dir}")
+            parser.error(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {args.output_dir}")
+        print(f"--resume_from_checkpoint latest: resuming from {last}")
         args.resume_from_checkpoint = last
     elif args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")

@@ -125,6 +125,11 @@ def test_output_dir_with_checkpoints_of_unfinished_run(script, capsys, tmp_path)
         script.parse_args(["--output_dir", str(out)])
     assert "holds checkpoints of an unfinished run (checkpoint-4); pass --resume_from_checkpoint latest" in (
         capsys.readouterr().err)
-    args = script.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    # 'latest' skips a newer checkpoint cut off by a kill while it was saved (no trainer_state.json).
+    (out / "checkpoint-6").mkdir()
+    (out / "checkpoint-6" / "model.safetensors").write_text("half written")
+    with pytest.warns(UserWarning, match="checkpoint-6 is incomplete"):
+        args = script.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert args.resume_from_checkpoint == str(out / "checkpoint-4")
+    assert f"resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out
     assert script.parse_args(["--output_dir", str(out), "--overwrite_output_dir"]).resume_from_checkpoint is None

@@ -45,8 +45,8 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
-import io
 import json
+import multiprocessing
 import os
 import socket
 import time
@@ -54,8 +54,8 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from PIL import Image
+from datasets import Dataset, DatasetDict, LargeList, List, Sequence, load_dataset, load_from_disk
+from datasets import Image as ImageFeature
 from sklearn.metrics import roc_auc_score
 from transformers import (
     AutoModelForCausalLM,
@@ -65,10 +65,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_flash_attn_2_available
 
 import phi3v
+from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 # Adapt: the dataset and the yes/no vocabulary of your own binary task.
 HUB_DATASET = "HuggingFaceM4/the_cauldron"
@@ -109,11 +109,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N held-out rows")
     data.add_argument("--max_length", type=int, default=8192,
-                      help="drop training samples longer than this (image tokens included; never truncated)")
+                      help="samples longer than this (image tokens included) are invalid: never truncated")
+    data.add_argument("--skip_invalid", action="store_true",
+                      help="drop the rows the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) "
+                           "and train on the rest; default: stop before training with a report of all of them")
 
     train = parser.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch size (all GPUs x accumulation)")
     train.add_argument("--batch_size_per_gpu", type=int, default=1)
+    train.add_argument("--packing", action="store_true",
+                       help="pack each micro-batch (--batch_size_per_gpu samples) into one row without padding; "
+                            "positions restart per sample and no token attends across samples. No compute is "
+                            "spent on padding (flash-attn varlen on GPU); on CPU, sdpa builds a block-diagonal "
+                            "mask, so the gain there is only the padding removed. Training and held-out loss only")
+    train.add_argument("--group_by_length", action="store_true",
+                       help="sample batches of similar length (counted from image sizes and text, no pixel "
+                            "decode), so less padding is wasted; the order stays random across groups")
     train.add_argument("--num_train_epochs", type=float, default=1)
     train.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
     train.add_argument("--learning_rate", type=float, default=4.0e-5)
@@ -234,21 +245,37 @@ def set_single_process_env(args):
 
 
 def load_data(dataset_path: str | None, eval_size: int) -> tuple[Dataset, Dataset]:
-    """(train, eval): the first `eval_size` rows are the eval set, as the original `train[:500]`."""
-    if dataset_path is None:
-        dataset = load_dataset(HUB_DATASET, HUB_CONFIG, split="train")
-    else:
-        path = Path(dataset_path)
-        saved = path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json"))
-        if saved:
-            dataset = load_from_disk(str(path))
-            if isinstance(dataset, DatasetDict):
-                dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
+    """(train, eval): the first `eval_size` rows are the eval set, as the original `train[:500]`.
+
+    A file that cannot be read, or lacks a column, stops the run here with a message.
+    """
+    source = f"--dataset_path {dataset_path}" if dataset_path else f"{HUB_DATASET}/{HUB_CONFIG}"
+    try:
+        if dataset_path is None:
+            dataset = load_dataset(HUB_DATASET, HUB_CONFIG, split="train")
         else:
-            files = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True)) if path.is_dir() else [str(path)]
-            if not files:
-                raise FileNotFoundError(f"--dataset_path {path}: neither a save_to_disk folder nor parquet files")
-            dataset = load_dataset("parquet", data_files=files, split="train")
+            path = Path(dataset_path)
+            if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+                dataset = load_from_disk(str(path))
+                if isinstance(dataset, DatasetDict):
+                    dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
+            else:
+                files = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True)) if path.is_dir() else [str(path)]
+                dataset = load_dataset("parquet", data_files=files, split="train")
+    except Exception as err:  # corrupt parquet/arrow files: report them, not datasets' internals
+        raise SystemExit(f"{source} cannot be read: {type(err).__name__}: {err}") from None
+    # Adapt: the columns of your own data.
+    missing = [c for c in ("images", "texts") if c not in dataset.column_names]
+    images = dataset.features.get("images")
+    if missing:
+        problem = f"missing column(s) {', '.join(missing)} (has {', '.join(dataset.column_names)})"
+    elif not (isinstance(images, (List, LargeList, Sequence)) and isinstance(images.feature, ImageFeature)):
+        problem = f"column 'images' is {images}, not a list of images"
+    else:
+        problem = None
+    if problem:
+        raise SystemExit(f"{source}: {problem}; expected the {HUB_DATASET}/{HUB_CONFIG} schema: images (a list "
+                         "of images) and texts (a list of {user, assistant} turns)")
     eval_size = min(eval_size, len(dataset))
     return dataset.select(range(eval_size, len(dataset))), dataset.select(range(eval_size))
 
@@ -270,66 +297,168 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer(f"{answer}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
 
 
-def sample_lengths(dataset: Dataset, processor) -> list[int]:
-    """Token count (image tokens included) of every training sample, from image headers only."""
+def sample_length(processor, image, question: str, answer: str) -> tuple[int, int]:
+    """(tokens, image tokens) of one training sample, from the image header only (no pixel decode)."""
     tokenizer = processor.tokenizer
-    # Arrow format: the images come as {bytes, path} without decoding (and without a rewritten copy).
-    raw = dataset.select_columns(["images", "texts"]).with_format("arrow")
-    lengths = []
-    for batch in raw.iter(batch_size=256):
-        for images, texts in zip(batch["images"].to_pylist(), batch["texts"].to_pylist()):
-            image = images[0]
-            if image.get("bytes") is not None:
-                width, height = Image.open(io.BytesIO(image["bytes"])).size  # reads the header, not the pixels
-            else:
-                width, height = Image.open(image["path"]).size
+    width, height = image_size(image)
+    # The processor tokenizes the text around each image tag separately (each part gets <s>).
+    parts = build_prompt(tokenizer, question).split("<|image_1|>")
+    text = sum(len(tokenizer(part).input_ids) for part in parts)
+    image_tokens = phi3v.num_image_tokens(width, height, processor.num_crops)
+    return text + image_tokens + len(answer_token_ids(tokenizer, answer)), image_tokens
+
+
+def sample_lengths(dataset: Dataset, processor) -> list[int]:
+    """Token count (image tokens included) of every sample: what --max_length and --group_by_length use."""
+    return [sample_length(processor, row["images"][0], *first_turn(row))[0] for row in dataset]
+
+
+def text_problems(texts) -> list[str]:
+    # Adapt: the shape of your own conversations. Only the first turn is trained (first_turn).
+    if not isinstance(texts, list) or not texts or not isinstance(texts[0], dict):
+        return ["texts is empty or not a list of {user, assistant} turns"]
+    problems = []
+    for role in ("user", "assistant"):
+        value = texts[0].get(role)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"empty or missing {role} text (texts[0]['{role}'])")
+    if not problems:
+        # The script adds the <|image_1|> tag itself: any tag in the text would be a second one.
+        problem = image_tag_problem(f"<|image_1|>\n{texts[0]['user']}", 1)
+        if problem:
+            problems.append(f"user text: {problem}")
+        problem = image_tag_problem(texts[0]["assistant"], 0)
+        if problem:
+            problems.append(f"assistant text: {problem}")
+    return problems
+
+
+def image_problem(images) -> str | None:
+    """Why a row's images cannot be trained on (full decode: a truncated file only shows there), or None."""
+    # Adapt: Hateful Memes has one image per sample (the prompt has one <|image_1|> tag).
+    if not isinstance(images, list) or not images:
+        return "no image (the images list is empty)"
+    if len(images) > 1:
+        return f"{len(images)} images; this recipe trains on exactly one image per sample"
+    if images[0] is None:
+        return "image is missing (null)"
+    try:
+        load_image(images[0])
+    except InvalidSample as err:
+        return str(err)
+    return None
+
+
+def raw_rows(dataset: Dataset, start: int, stop: int) -> tuple[list, list]:
+    """(images, texts) of rows start..stop, images as undecoded {bytes, path} cells (load_image opens them)."""
+    table = dataset.select_columns(["images", "texts"]).with_format("arrow")[start:stop]
+    return table.column("images").to_pylist(), table.column("texts").to_pylist()
+
+
+def _check_images_range(dataset: Dataset, start: int, stop: int) -> list[str | None]:
+    return [image_problem(images) for images in raw_rows(dataset, start, stop)[0]]
+
+
+def check_rows(dataset: Dataset, processor, max_length: int, workers: int = 0) -> list[tuple[list[str], int | None]]:
+    """(problems, length) of every row; the length is None when the row has other problems.
+
+    Deterministic, so every rank of a distributed run reaches the same verdict without talking to
+    the others. Image decoding (the slow part) runs in `workers` processes if > 0.
+    """
+    ranges = [(start, min(start + 64, len(dataset))) for start in range(0, len(dataset), 64)]
+    if workers > 0 and len(ranges) > 1:
+        # fork: the workers share the memory-mapped dataset instead of receiving pickled images.
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with context.Pool(min(workers, len(ranges))) as pool:
+            chunks = pool.starmap(_check_images_range, [(dataset, start, stop) for start, stop in ranges])
+    else:
+        chunks = [_check_images_range(dataset, start, stop) for start, stop in ranges]
+    image_results = [problem for chunk in chunks for problem in chunk]
+    results = []
+    images_column, texts_column = raw_rows(dataset, 0, len(dataset))
+    for texts, images, image_issue in zip(texts_column, images_column, image_results):
+        problems = ([image_issue] if image_issue else []) + text_problems(texts)
+        length = None
+        if not problems:
             question, answer = first_turn({"texts": texts})
-            # The processor tokenizes the text around each image tag separately (each part gets <s>).
-            parts = build_prompt(tokenizer, question).split("<|image_1|>")
-            text = sum(len(tokenizer(part).input_ids) for part in parts)
-            image_tokens = phi3v.num_image_tokens(width, height, processor.num_crops)
-            lengths.append(text + image_tokens + len(answer_token_ids(tokenizer, answer)))
-    return lengths
+            length, image_tokens = sample_length(processor, images[0], question, answer)
+            if length > max_length:
+                # Never truncated: cutting image tokens would break the image-token/feature match.
+                problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
+        results.append((problems, length))
+    return results
 
 
-def drop_long_samples(dataset: Dataset, processor, max_length: int, is_main: bool) -> Dataset:
-    lengths = sample_lengths(dataset, processor)
-    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+def preflight(train_set: Dataset, eval_set: Dataset, num_held_out: int, processor, args, is_main: bool):
+    """Check every row the run will use; stop with one report, or (--skip_invalid) drop the bad rows.
+
+    Returns (train_set, eval_set, train_lengths, eval_lengths) without the bad rows. Rows are named
+    by their row number in the dataset (the held-out rows come first) and the split they belong to.
+    """
+    report = Preflight(f"the dataset ({args.dataset_path or f'{HUB_DATASET}/{HUB_CONFIG}'})")
+    kept = {}
+    for split, dataset, first_row in (("train", train_set, num_held_out), ("eval", eval_set, 0)):
+        results = check_rows(dataset, processor, args.max_length, args.dataloader_num_workers)
+        for i, (problems, _) in enumerate(results):
+            for problem in problems:
+                report.add(f"row {first_row + i} ({split})", problem, key=(split, i))
+        kept[split] = results
+    drop = report.finish(args.output_dir, args.skip_invalid, is_main)
+    out = []
+    for split, dataset in (("train", train_set), ("eval", eval_set)):
+        keep = [i for i in range(len(dataset)) if (split, i) not in drop]
+        out.append(dataset.select(keep) if len(keep) < len(dataset) else dataset)
+        out.append([kept[split][i][1] for i in keep])
+    train_set, train_lengths, eval_set, eval_lengths = out
+    if len(train_set) == 0:
+        raise SystemExit("no valid training rows left: nothing to train on")
     if is_main:
-        print(f"training samples: {len(dataset)}, tokens per sample max {max(lengths, default=0)}, "
-              f"dropped {len(dataset) - len(keep)} longer than --max_length {max_length}")
-    return dataset.select(keep) if len(keep) < len(dataset) else dataset
+        print(f"preflight: {len(train_set)} training and {len(eval_set)} held-out rows valid, "
+              f"tokens per sample max {max(train_lengths + eval_lengths, default=0)} (--max_length {args.max_length})")
+    return train_set, eval_set, train_lengths, eval_lengths
 
 
 class TrainCollator:
-    """Raw rows -> padded training batch. Runs in the dataloader workers, so images decode there."""
+    """Raw rows -> training batch. Runs in the dataloader workers, so images decode there.
 
-    def __init__(self, processor):
+    Padded (default): one row per sample, right padding, an attention mask. `packing`: the samples
+    of the micro-batch concatenated into one row without padding (`phi3v.pack_examples`; positions
+    restart at each sample and no token attends across samples).
+    """
+
+    def __init__(self, processor, packing: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.packing = packing
 
     def __call__(self, rows: list[dict]) -> dict:
-        input_ids, labels, pixel_values, image_sizes = [], [], [], []
+        examples = []
         for row in rows:
             question, answer = first_turn(row)
             # Adapt: Hateful Memes has one image per sample; pass all of them for multi-image data.
-            encoded = self.processor(text=build_prompt(self.tokenizer, question), images=[row["images"][0]])
+            # load_image (modes, alpha, 16-bit) as in the preflight, which decoded every image already.
+            encoded = self.processor(text=build_prompt(self.tokenizer, question), images=[load_image(row["images"][0])])
             prompt_ids = encoded["input_ids"][0].tolist()
             answer_ids = answer_token_ids(self.tokenizer, answer)
-            input_ids.append(prompt_ids + answer_ids)
-            labels.append([-100] * len(prompt_ids) + answer_ids)
-            pixel_values.append(encoded["pixel_values"])
-            image_sizes.append(encoded["image_sizes"])
-        longest = max(len(ids) for ids in input_ids)
+            examples.append({
+                "input_ids": prompt_ids + answer_ids,
+                "labels": [-100] * len(prompt_ids) + answer_ids,
+                "pixel_values": encoded["pixel_values"],
+                "image_sizes": encoded["image_sizes"],
+            })
+        if self.packing:
+            return phi3v.pack_examples(examples)
+        longest = max(len(e["input_ids"]) for e in examples)
         pad = self.tokenizer.pad_token_id
         # The mask marks real tokens by position: <|endoftext|> at the end of every answer has the
         # pad id too, and must stay visible.
         return {
-            "input_ids": torch.tensor([ids + [pad] * (longest - len(ids)) for ids in input_ids]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in input_ids]),
-            "labels": torch.tensor([lab + [-100] * (longest - len(lab)) for lab in labels]),
-            "pixel_values": torch.cat(pixel_values),
-            "image_sizes": torch.cat(image_sizes),
+            "input_ids": torch.tensor([e["input_ids"] + [pad] * (longest - len(e["input_ids"])) for e in examples]),
+            "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"]))
+                                            for e in examples]),
+            "labels": torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in examples]),
+            "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+            "image_sizes": torch.cat([e["image_sizes"] for e in examples]),
         }
 
 
@@ -399,7 +528,9 @@ class ThroughputTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         images = inputs["pixel_values"].shape[0] if "pixel_values" in inputs else 0
         # Kept as a device tensor: no GPU sync per step, only at logging time.
-        self._seen = [self._seen[0] + images, self._seen[1] + inputs["attention_mask"].sum()]
+        # Packed rows (--packing) have no padding, hence no attention mask.
+        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        self._seen = [self._seen[0] + images, self._seen[1] + tokens]
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _all_ranks(self, counts) -> list[int]:
@@ -435,6 +566,9 @@ def make_training_args(args) -> TrainingArguments:
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size_per_gpu,
         per_device_eval_batch_size=args.batch_size_per_gpu,
+        # Uses the `length` column that main() adds from the preflight's token counts.
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        length_column_name="length",
         gradient_accumulation_steps=args.batch_size // (world_size * args.batch_size_per_gpu),
         # (transformers 5 name of gradient_checkpointing.) Non-reentrant: needed for LoRA, whose
         # checkpointed inputs do not require grad.
@@ -477,7 +611,8 @@ def make_training_args(args) -> TrainingArguments:
 def resolve_checkpoint(args, is_main: bool) -> str | None:
     if args.resume_from_checkpoint != "latest":
         return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    # Skips (with a warning naming it) a checkpoint-N left half-written by a kill during saving.
+    last = phi3v.last_complete_checkpoint(args.output_dir)
     if is_main:
         print(f"resuming from {last}" if last else f"no checkpoint-* in {args.output_dir}: starting from scratch")
     return last
@@ -617,7 +752,7 @@ def evaluate(model, processor, dataset: Dataset, args, training_args: TrainingAr
             questions, answers = zip(*(first_turn({"texts": t}) for t in rows["texts"]))
             inputs = processor(
                 text=[build_prompt(tokenizer, q) for q in questions],
-                images=[[images[0]] for images in rows["images"]],
+                images=[[load_image(images[0])] for images in rows["images"]],
                 padding=True,
             ).to(device)
             out = model.generate(
@@ -699,12 +834,18 @@ def main(argv=None):
     with training_args.main_process_first(local=True):  # rank 0 downloads, the others read the cache
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
         train_set, eval_set = load_data(args.dataset_path, args.eval_size)
+    num_held_out = len(eval_set)
     if args.max_train_samples is not None:
         train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
     if args.max_eval_samples is not None:
         eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
-    train_set = drop_long_samples(train_set, processor, args.max_length, is_main)
+    # Before the model is loaded: bad data fails in seconds, and on every rank alike.
+    train_set, eval_set, train_lengths, eval_lengths = preflight(
+        train_set, eval_set, num_held_out, processor, args, is_main)
     loss_eval_set = eval_set.select(range(min(args.max_eval_loss_samples, len(eval_set))))
+    if args.group_by_length:  # the Trainer's length-grouped sampler reads this column
+        train_set = train_set.add_column("length", train_lengths)
+        loss_eval_set = loss_eval_set.add_column("length", eval_lengths[: len(loss_eval_set)])
 
     with training_args.main_process_first(local=True):
         model = load_model(args, training_args.device)
@@ -721,7 +862,7 @@ def main(argv=None):
     trainer = ThroughputTrainer(
         model=model,
         args=training_args,
-        data_collator=TrainCollator(processor),
+        data_collator=TrainCollator(processor, packing=args.packing),
         train_dataset=train_set,
         eval_dataset=loss_eval_set if args.eval_steps > 0 else None,
         processing_class=processor,  # saved into every checkpoint, so each one is usable on its own

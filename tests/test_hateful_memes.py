@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from phi3v.validation import load_image
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"
 SIZES = [(64, 48), (48, 64), (80, 40)]  # different image token counts at num_crops 2
@@ -122,7 +124,7 @@ def reference_scores(script, model, processor, dataset, indices):
         for i in indices:
             row = dataset[i]
             question, _ = script.first_turn(row)
-            inputs = processor(text=script.build_prompt(tokenizer, question), images=[row["images"][0]])
+            inputs = processor(text=script.build_prompt(tokenizer, question), images=[load_image(row["images"][0])])
             logits = model(**inputs).logits[:, -1]
             scores.append(script.yes_probability(logits, yes_ids, no_ids).item())
     return scores
@@ -152,7 +154,7 @@ def test_collator_and_sample_lengths(script, tiny_model_dir, memes_dataset):
         n = lengths[i]  # the length count used by --max_length is the real sequence length
         question, answer = script.first_turn(row)
         answer_ids = tokenizer(f"{answer}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
-        prompt = processor(text=script.build_prompt(tokenizer, question), images=[row["images"][0]])
+        prompt = processor(text=script.build_prompt(tokenizer, question), images=[load_image(row["images"][0])])
         prompt_ids = prompt["input_ids"][0].tolist()
         assert n == len(prompt_ids) + len(answer_ids)
         assert batch["input_ids"][i, :n].tolist() == prompt_ids + answer_ids
@@ -162,9 +164,11 @@ def test_collator_and_sample_lengths(script, tiny_model_dir, memes_dataset):
         assert (batch["labels"][i, n:] == -100).all()
         assert answer_ids[-1] == tokenizer.pad_token_id  # <|endoftext|>: why the mask is positional
 
-    # --max_length drops (never truncates) the samples above it.
-    kept = script.drop_long_samples(memes_dataset.select(range(3)), processor, sorted(lengths)[1], is_main=False)
-    assert len(kept) == 2 and max(script.sample_lengths(kept, processor)) == sorted(lengths)[1]
+    # The preflight gives the same lengths, and marks (never truncates) the samples above --max_length.
+    results = script.check_rows(memes_dataset.select(range(3)), processor, max_length=sorted(lengths)[1])
+    assert [length for _, length in results] == lengths
+    assert [bool(problems) for problems, _ in results] == [n > sorted(lengths)[1] for n in lengths]
+    assert any(f"{max(lengths)} tokens" in p and "> --max_length" in p for problems, _ in results for p in problems)
 
 
 def test_metrics(script):

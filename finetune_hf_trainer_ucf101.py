@@ -31,9 +31,10 @@ Hardware suggestions (8 frames at --num_crops 4 are about 6,100 image tokens per
   * CPU (no CUDA): runs in fp32 (or --bf16) with gloo; only useful for smoke tests with a tiny model.
 
 Outputs in --output_dir: eval_before.json / eval_after.json (accuracy, confusion matrix, per-sample
-predictions), log_history.json (losses, images_per_second, tokens_per_second), loss_curve.png,
-confusion_matrix.png (after training), the model (full fine-tuning) or the LoRA adapter (+ `merged/`
-with --merge_lora), the processor, and checkpoint-* with --save_steps.
+predictions), log_history.json (losses, learning rate, images_per_second, tokens_per_second),
+loss_curve.png (losses, and the learning rate on a second axis), confusion_matrix.png (after
+training), the model (full fine-tuning) or the LoRA adapter (+ `merged/` with --merge_lora), the
+processor, and checkpoint-* with --save_steps.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def parse_args(argv=None):
     add("--lora_alpha_ratio", type=float, default=2, help="lora_alpha = round(lora_rank * ratio)")
     add("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     add("--freeze_vision_model", action="store_true", help="do not train the CLIP tower and the projector")
+    add(
+        "--no_gradient_checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="keep all activations instead of recomputing them in the backward pass: faster (about 25%% "
+        "on a tiny model on CPU), but much more memory on the real model",
+    )
     add("--batch_size", type=int, default=16, help="global batch size (over all GPUs and accumulation steps)")
     add("--batch_size_per_gpu", type=int, default=1, help="micro-batch per process")
     # 8 frames per clip: 4 crops (instead of 16) keep the sequence near 6k tokens.
@@ -412,7 +420,9 @@ def create_model(args, training_args):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         phi3v.fix_4bit_cpu_gradients(model)  # else eval forwards on CPU break later LoRA gradients
     if args.use_lora:
@@ -454,7 +464,7 @@ def build_training_args(args):
         per_device_train_batch_size=args.batch_size_per_gpu,
         per_device_eval_batch_size=args.eval_batch_size or args.batch_size_per_gpu,
         gradient_accumulation_steps=args.batch_size // (world_size * args.batch_size_per_gpu),
-        activation_checkpointing=True,  # formerly gradient_checkpointing
+        activation_checkpointing=args.gradient_checkpointing,  # formerly gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False},  # needed for LoRA and frozen parts
         optim="adamw_torch",
         adam_beta1=0.9,
@@ -580,7 +590,7 @@ def confusion_matrix(predictions: list[str], answers: list[str]) -> dict:
 
 
 def save_plots(output_dir: Path, log_history: list[dict], eval_after: dict | None, log):
-    """loss_curve.png (train and held-out loss) and confusion_matrix.png (after training)."""
+    """loss_curve.png (train and held-out loss, learning rate on a second axis) and confusion_matrix.png."""
     try:
         import matplotlib
 
@@ -589,13 +599,25 @@ def save_plots(output_dir: Path, log_history: list[dict], eval_after: dict | Non
     except ImportError:
         log("matplotlib is not installed: no plots")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, name in (("loss", "train"), ("eval_loss", "held-out")):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines, losses = [], []
+    for key, name in (("loss", "train loss"), ("eval_loss", "held-out loss")):
         points = [(h["step"], h[key]) for h in log_history if key in h]
         if points:
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=name)
-    ax.set(xlabel="step", ylabel="loss", title="loss")
-    ax.legend()
+            lines += ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=name)
+            losses += [loss for _, loss in points]
+    ax.set(xlabel="step", ylabel="loss", title="loss and learning rate")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")  # the first steps (~10 from scratch) would flatten the rest of the curve
+    lr_points = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
+    if lr_points:  # the learning rate the optimizer used at each logged step, on a second axis
+        lr_ax = ax.twinx()
+        lines += lr_ax.plot(*zip(*lr_points), color="tab:gray", linestyle="--", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if lines:
+        ax.legend(handles=lines, loc="upper right")
     fig.tight_layout()
     fig.savefig(output_dir / "loss_curve.png", dpi=100)
     plt.close(fig)

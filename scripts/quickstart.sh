@@ -2,41 +2,58 @@
 # The main job, end to end on a CPU in a few minutes, with nothing downloaded but Python packages:
 #   1. set up .venv (first run only),
 #   2. write a synthetic video-classification dataset as real video files in the UCF101 subset
-#      layout (the class is the colour of a moving shape: only the pixels tell),
-#   3. convert it with convert_ucf101.py --src (8 frames per clip, the original's layout),
+#      layout: 10 classes, the class is the colour of a large moving shape (and of the tint of the
+#      background), so only the pixels tell the classes apart; 160 train, 50 val, 20 test videos,
+#   3. convert it with convert_ucf101.py --src (4 frames per clip instead of the original's 8),
 #   4. make a tiny random Phi-3.5-vision with the real tokenizer (python -m phi3v.tiny),
-#   5. fine-tune it with finetune_hf_trainer_ucf101.py and print accuracy before and after.
-# Usage: bash scripts/quickstart.sh [OUTPUT_FOLDER]   (default: quickstart_output)
+#   5. fine-tune it with finetune_hf_trainer_ucf101.py and print the held-out (val) accuracy before
+#      and after, and where the outputs are.
+# About 3-5 minutes on 2 idle CPU cores (after the first set-up); the accuracy after is 100 % on
+# the 50 val clips, before 0 % (the random model does not even answer with a class name).
+# Usage: bash scripts/quickstart.sh [OUTPUT_FOLDER]   (default: quickstart_output; replaced if present)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One OpenMP thread per process: the training process computes on one core while its dataloader
+# worker decodes and preprocesses the next frames on the other; more threads only fight for them.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=.venv/bin/python
 OUT=${1:-quickstart_output}
 start=$(date +%s)
 
 rm -rf "$OUT"
 $PY scripts/make_synthetic_videos.py --out_dir "$OUT/videos"
-$PY convert_ucf101.py --src "$OUT/videos" --out_dir "$OUT/ucf101" --no-tqdm
+$PY convert_ucf101.py --src "$OUT/videos" --out_dir "$OUT/ucf101" --num_frames 4 --no-tqdm
 $PY -m phi3v.tiny --output_dir "$OUT/tiny-phi3v"
-# A randomly initialised tiny model learns from scratch: full fine-tuning, a high learning rate,
-# 1 crop per frame (8 frames x 313 image tokens per clip) to keep the CPU busy for minutes, not hours.
+# A randomly initialised tiny model learns from scratch, so the settings differ from the real
+# recipe: a high learning rate; the random CLIP tower frozen (trained at this rate it loses its
+# colour features in the first steps), the decoder and token embeddings fully trained; 1 crop per
+# frame (4 frames x 313 image tokens per clip); no activation recomputation (memory is no issue).
+# 3 epochs of 40 steps of 4 clips.
 $PY finetune_hf_trainer_ucf101.py \
   --model_name_or_path "$OUT/tiny-phi3v" --data_dir "$OUT/ucf101" --output_dir "$OUT/run" \
-  --num_crops 1 --batch_size 8 --batch_size_per_gpu 8 --num_train_epochs 6 \
-  --learning_rate 2e-3 --warmup_steps 10 --logging_steps 5 --max_new_tokens 8 \
-  --dataloader_num_workers 2 --deepspeed none --no-tqdm
+  --num_crops 1 --freeze_vision_model --no_gradient_checkpointing \
+  --batch_size 4 --batch_size_per_gpu 4 --num_train_epochs 3 --learning_rate 1e-2 --warmup_steps 10 \
+  --logging_steps 10 --max_new_tokens 4 --eval_batch_size 10 \
+  --dataloader_num_workers 1 --deepspeed none --no-tqdm
 
 $PY - "$OUT/run" "$start" <<'PYEOF'
 import json, sys, time
 from pathlib import Path
 run = Path(sys.argv[1])
-before = json.loads((run / "eval_before.json").read_text())["accuracy"]
-after = json.loads((run / "eval_after.json").read_text())["accuracy"]
+before = json.loads((run / "eval_before.json").read_text())
+after = json.loads((run / "eval_after.json").read_text())
+chance = 1 / len(after["confusion_matrix"]["labels"])
 print()
-print(f"accuracy before fine-tuning: {before:.1%}   (chance: 10%)")
-print(f"accuracy after fine-tuning:  {after:.1%}")
-print(f"outputs: {run}/ (eval_before.json, eval_after.json, log_history.json, loss curve, confusion matrix, model)")
+print(f"held-out accuracy on {after['num_samples']} val clips (chance: {chance:.0%})")
+print(f"  before fine-tuning: {before['accuracy']:.1%}")
+print(f"  after fine-tuning:  {after['accuracy']:.1%}")
+print(f"outputs in {run}/:")
+print(f"  {run / 'loss_curve.png'}        training loss and learning rate per step")
+print(f"  {run / 'confusion_matrix.png'}  val predictions after fine-tuning")
+print(f"  {run / 'eval_before.json'}, {run / 'eval_after.json'}  accuracy, confusion matrix, predictions")
+print(f"  {run / 'log_history.json'}  losses, learning rate, throughput; the model and processor files")
 print(f"took {time.time() - float(sys.argv[2]):.0f} s")
 PYEOF

@@ -28,6 +28,12 @@ Usage:
 
 Splits: `train` is required; `val` (the recipe evaluates on it) and `test` are converted when present.
 Class labels are the sorted class folder names over all splits.
+
+Every video is checked before anything is written to out_dir: one that PyAV cannot open or decode
+(corrupt, truncated, not a video), an empty one (0 bytes, no video stream, no frames) or one shorter
+than --min_frames is reported with its path and reason, all of them in one report, and the
+conversion exits with status 1 leaving out_dir untouched. With --skip_invalid they are left out and
+listed (on the console and in out_dir/skipped_videos.jsonl), and the others are converted.
 """
 
 from __future__ import annotations
@@ -55,8 +61,11 @@ HUB_FILENAME = "UCF101_subset.tar.gz"
 PROMPT_PREFIX = "Classify the video into one of the following classes: "
 
 
+SKIPPED_FILE = "skipped_videos.jsonl"  # with --skip_invalid: {"path", "reason"} per left-out video
+
+
 class InvalidVideo(Exception):
-    """A video PyAV cannot open or decode."""
+    """A video that cannot be used (unreadable, corrupt, empty, too short); the message is the reason."""
 
 
 def parse_args(argv=None):
@@ -70,19 +79,31 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="./ucf101", help="output folder (default ./ucf101)")
     parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video (default 8)")
     parser.add_argument(
+        "--min_frames",
+        type=int,
+        default=1,
+        help="videos with fewer decodable frames are invalid (default 1: only empty ones); shorter videos "
+        "than --num_frames repeat frames, as the original",
+    )
+    parser.add_argument(
         "--skip_invalid",
         action="store_true",
-        help="skip videos PyAV cannot read (they are listed at the end) instead of stopping with an error",
+        help="leave out the videos that cannot be used (unreadable, corrupt, empty, shorter than --min_frames) "
+        f"and list them (on the console and in out_dir/{SKIPPED_FILE}); default: stop with one report of "
+        "all of them before anything is written",
     )
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="allow a non-empty out_dir: its images/ folder and ucf101_*.jsonl files are replaced",
+        help=f"allow a non-empty out_dir: its images/ folder, ucf101_*.jsonl and {SKIPPED_FILE} are replaced "
+        "(only after the new conversion succeeded); other files there are kept",
     )
     parser.add_argument("--no-tqdm", dest="tqdm", action="store_false", help="no progress bar")
     args = parser.parse_args(argv)
     if args.num_frames < 1:
         parser.error(f"--num_frames must be >= 1, got {args.num_frames}")
+    if args.min_frames < 1:
+        parser.error(f"--min_frames must be >= 1, got {args.min_frames}")
     if args.src is not None and not Path(args.src).exists():
         parser.error(f"--src {args.src} does not exist")
     out_dir = Path(args.out_dir)
@@ -187,8 +208,10 @@ def decode_frames(path: Path, indices: list[int]) -> dict[int, Image.Image]:
     return frames
 
 
-def sample_frames(path: Path, num_frames: int) -> list[Image.Image]:
-    """`num_frames` frames of one video; raises InvalidVideo when PyAV cannot read it."""
+def sample_frames(path: Path, num_frames: int, min_frames: int = 1) -> list[Image.Image]:
+    """`num_frames` frames of one video; raises InvalidVideo (with the reason) when it cannot be used."""
+    if path.stat().st_size == 0:
+        raise InvalidVideo("empty file (0 bytes)")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -198,23 +221,26 @@ def sample_frames(path: Path, num_frames: int) -> list[Image.Image]:
             # Some containers (mkv, webm) do not store the frame count: decode once to count.
             total = count_frames(path)
         if total <= 0:
-            raise InvalidVideo("no decodable frames")
+            raise InvalidVideo("no decodable frames (empty video stream)")
         indices = frame_indices(total, num_frames)
         frames = decode_frames(path, indices)
         if len(frames) < len(set(indices)):
             # The header promised more frames than the stream holds: sample from what is there.
             real_total = count_frames(path)
             if real_total <= 0:
-                raise InvalidVideo("no decodable frames")
+                raise InvalidVideo("no decodable frames (empty video stream)")
             print(f"warning: {path} reports {total} frames but holds {real_total}; sampling from {real_total}")
-            indices = frame_indices(real_total, num_frames)
+            total = real_total
+            indices = frame_indices(total, num_frames)
             frames = decode_frames(path, indices)
             if len(frames) < len(set(indices)):
                 raise InvalidVideo("frame count changed between two decodes")
     except InvalidVideo:
         raise
-    except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:
-        raise InvalidVideo(f"{type(e).__name__}: {e}") from e
+    except (av.error.FFmpegError, OSError, ValueError, IndexError, RuntimeError, EOFError) as e:
+        raise InvalidVideo(f"cannot decode: {type(e).__name__}: {e}") from e
+    if total < min_frames:
+        raise InvalidVideo(f"too short: {total} frame(s), --min_frames is {min_frames}")
     return [frames[i] for i in indices]
 
 
@@ -223,51 +249,44 @@ def sample_frames(path: Path, num_frames: int) -> list[Image.Image]:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_out_dir(out_dir: Path) -> bool:
-    """Create out_dir (returns True if it did) and remove the outputs of an earlier conversion."""
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Only our own outputs are removed, never other files the user keeps there.
-    shutil.rmtree(out_dir / "images", ignore_errors=True)
-    for old in out_dir.glob("ucf101_*.jsonl"):
-        old.unlink()
-    return created
+def convert(
+    root: Path, out_dir: Path, num_frames: int, skip_invalid: bool, show_progress: bool = True, min_frames: int = 1
+) -> dict:
+    """Decode every video into a staging folder, then either publish the result or report every bad video.
 
-
-def convert(root: Path, out_dir: Path, num_frames: int, skip_invalid: bool, show_progress: bool = True) -> dict:
+    All videos are checked before anything is written to `out_dir`: the frames go to a hidden
+    staging folder next to it and are moved in only when the whole conversion succeeded (so an
+    earlier conversion in `out_dir` survives a failed one). Without `skip_invalid`, any unusable
+    video (unreadable, corrupt, empty, too short) stops the conversion with one report of all of them.
+    """
     videos = list_videos(root)
     class_labels = sorted({label for items in videos.values() for label, _ in items})
     prompt = PROMPT_PREFIX + ", ".join(class_labels) + "."
     print(f"{len(class_labels)} classes: {', '.join(class_labels)}")
     print("videos: " + ", ".join(f"{split} {len(items)}" for split, items in videos.items()))
 
-    created = prepare_out_dir(out_dir)
-    image_root = out_dir / "images"
-    records = {split: [] for split in videos}
-    invalid = []
-    index = 0
-    total = sum(len(items) for items in videos.values())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        records = {split: [] for split in videos}
+        invalid = []
+        index = 0
+        total = sum(len(items) for items in videos.values())
         with tqdm(total=total, desc="videos", unit="video", disable=not show_progress) as bar:
             for split, items in videos.items():
                 for label, path in items:
                     bar.update(1)
                     try:
-                        frames = sample_frames(path, num_frames)
+                        frames = sample_frames(path, num_frames, min_frames)
                     except InvalidVideo as e:
-                        if not skip_invalid:
-                            raise SystemExit(
-                                f"error: cannot read video {path}: {e}\n"
-                                "(pass --skip_invalid to leave out the videos PyAV cannot read)"
-                            ) from None
-                        invalid.append((path, str(e)))
+                        invalid.append({"path": str(path), "reason": str(e)})
                         continue
                     rel_dir = f"{split}/{label}"
-                    (image_root / rel_dir).mkdir(parents=True, exist_ok=True)
+                    (staging / "images" / rel_dir).mkdir(parents=True, exist_ok=True)
                     rel_paths = []
                     for k, frame in enumerate(frames):
                         rel = f"{rel_dir}/{path.stem}.{k}.jpg"
-                        frame.save(image_root / rel)
+                        frame.save(staging / "images" / rel)
                         rel_paths.append(rel)
                     # Adapt: more turns can be appended to "conversations" (the trainer supports multi-turn).
                     records[split].append(
@@ -278,29 +297,46 @@ def convert(root: Path, out_dir: Path, num_frames: int, skip_invalid: bool, show
                         }
                     )
                     index += 1
-    except BaseException:
-        # Leave no half-written dataset behind (out_dir was empty of our outputs when we started).
-        shutil.rmtree(image_root, ignore_errors=True)
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
 
-    if not records.get("train"):
-        shutil.rmtree(image_root, ignore_errors=True)
-        raise SystemExit("error: no readable training video; nothing written")
-    for split, split_records in records.items():
-        with open(out_dir / f"ucf101_{split}.jsonl", "w") as f:
-            for record in split_records:
-                f.write(json.dumps(record) + "\n")
+        listing = "\n".join(f"  {v['path']}: {v['reason']}" for v in invalid)
+        if invalid and not skip_invalid:
+            raise SystemExit(
+                f"error: {len(invalid)} of {total} videos cannot be used:\n{listing}\n"
+                f"Nothing was written to {out_dir}. Fix or remove these videos, or pass --skip_invalid "
+                "to convert the others."
+            )
+        if not records.get("train"):
+            raise SystemExit(f"error: no usable training video; nothing written to {out_dir}")
+        for split, split_records in records.items():
+            with open(staging / f"ucf101_{split}.jsonl", "w") as f:
+                for record in split_records:
+                    f.write(json.dumps(record) + "\n")
+        if invalid:
+            with open(staging / SKIPPED_FILE, "w") as f:
+                for video in invalid:
+                    f.write(json.dumps(video) + "\n")
+        publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
     if invalid:
-        print(f"skipped {len(invalid)} unreadable video(s):")
-        for path, reason in invalid:
-            print(f"  {path}: {reason}")
+        print(f"--skip_invalid: skipped {len(invalid)} of {total} videos (listed in {out_dir / SKIPPED_FILE}):")
+        print(listing)
     print(
         f"wrote {index} videos x {num_frames} frames to {out_dir}: "
         + ", ".join(f"ucf101_{split}.jsonl ({len(r)})" for split, r in records.items())
     )
     return {"class_labels": class_labels, "records": records, "invalid": invalid}
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Replace the outputs of an earlier conversion in out_dir with the staged ones (nothing else)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "images", ignore_errors=True)
+    for old in [*out_dir.glob("ucf101_*.jsonl"), out_dir / SKIPPED_FILE]:
+        old.unlink(missing_ok=True)
+    for item in staging.iterdir():
+        item.rename(out_dir / item.name)
 
 
 def main(argv=None):
@@ -322,7 +358,7 @@ def main(argv=None):
                 root = find_root(tmp_dir)
             else:
                 raise SystemExit(f"error: --src {src} is neither a folder nor a .tar.gz/.tgz/.tar/.zip archive")
-        convert(root, Path(args.out_dir), args.num_frames, args.skip_invalid, show_progress=args.tqdm)
+        convert(root, Path(args.out_dir), args.num_frames, args.skip_invalid, args.tqdm, args.min_frames)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

@@ -73,9 +73,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_output(out_dir: Path) -> None:
+def check_output(out_dir: Path, extra_files=()) -> None:
     """Everything the trainer relies on, exactly as the original converter writes it."""
-    assert sorted(p.name for p in out_dir.iterdir()) == ["images", "ucf101_train.jsonl", "ucf101_val.jsonl"]
+    expected = ["images", "ucf101_train.jsonl", "ucf101_val.jsonl", *extra_files]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(expected)
     records = read_jsonl(out_dir / "ucf101_train.jsonl") + read_jsonl(out_dir / "ucf101_val.jsonl")
     assert len(records) == len(VIDEOS)
     all_jpgs = sorted(str(p.relative_to(out_dir / "images")) for p in (out_dir / "images").rglob("*"))
@@ -136,7 +137,7 @@ def test_convert_archive(kind, video_root, tmp_path, run_script):
 
 
 def test_hub_download_default(video_root, tmp_path, monkeypatch):
-    """Without --src the archive comes from the hub; the temporary folder is removed afterwards."""
+    """Without --src the archive comes from the hub; the temporary folders are removed afterwards."""
     import huggingface_hub
 
     archive = tmp_path / "hub" / "UCF101_subset.tar.gz"
@@ -160,26 +161,104 @@ def test_hub_download_default(video_root, tmp_path, monkeypatch):
     out_dir = tmp_path / "ucf101"
     convert_ucf101.main(["--out_dir", str(out_dir), "--no-tqdm"])
     assert calls == [{"repo_id": "sayakpaul/ucf101-subset", "filename": "UCF101_subset.tar.gz", "repo_type": "dataset"}]
-    assert len(temp_dirs) == 1 and not Path(temp_dirs[0]).exists()
+    # The extraction folder and the staging folder next to out_dir.
+    assert len(temp_dirs) == 2 and not any(Path(d).exists() for d in temp_dirs)
     check_output(out_dir)
 
 
-def test_corrupt_video(video_root, tmp_path, run_script):
-    root = tmp_path / "videos"
+def write_audio_only(path: Path) -> None:
+    """A valid .mp4 with an AAC track and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def truncated_copy(source: Path, path: Path) -> None:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a download cut short: the mp4 index (moov) is lost
+
+
+# (kind, file name, how to make it, the reason the report must give). --min_frames 4 for all.
+BAD_VIDEOS = [
+    ("corrupt header", "v_BabyCrawling_g00_c01.avi",
+     lambda path, root: path.write_bytes(b"RIFF\x00\x00\x00\x00AVI garbage" + bytes(range(256)) * 8),
+     "no video stream"),
+    ("truncated", "v_BabyCrawling_g05_c01.mp4",
+     lambda path, root: truncated_copy(root / "train" / "Archery" / "v_Archery_g02_c01.mp4", path),
+     "cannot decode: InvalidDataError"),
+    ("not a video", "v_BabyCrawling_g06_c01.mp4", lambda path, root: path.write_text("a text file\n"),
+     "cannot decode: InvalidDataError"),
+    ("empty file", "v_BabyCrawling_g07_c01.mkv", lambda path, root: path.write_bytes(b""), "empty file (0 bytes)"),
+    ("no video stream", "v_BabyCrawling_g08_c01.mp4", lambda path, root: write_audio_only(path), "no video stream"),
+    ("too short", "v_BabyCrawling_g09_c01.avi", lambda path, root: write_video(path, "mpeg4", 3),
+     "too short: 3 frame(s), --min_frames is 4"),
+]  # fmt: skip
+
+
+def with_bad_videos(video_root: Path, root: Path, cases) -> list[Path]:
     shutil.copytree(video_root, root)
-    broken = root / "train" / "BabyCrawling" / "v_BabyCrawling_g00_c01.avi"
-    broken.write_bytes(b"RIFF\x00\x00\x00\x00AVI garbage" + bytes(range(256)) * 8)
+    paths = []
+    for _, name, make, _ in cases:
+        path = root / "train" / "BabyCrawling" / name
+        make(path, root)
+        paths.append(path)
+    return paths
 
+
+@pytest.mark.parametrize("case", BAD_VIDEOS, ids=[case[0] for case in BAD_VIDEOS])
+def test_invalid_video(case, video_root, tmp_path, run_script):
+    """Each kind of unusable video: its path and reason, exit status 1, nothing written, no traceback."""
+    (bad,) = with_bad_videos(video_root, tmp_path / "videos", [case])
     out_dir = tmp_path / "out"
-    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, check=False)
-    assert proc.returncode != 0
-    assert f"cannot read video {broken}" in proc.stdout
-    assert "--skip_invalid" in proc.stdout
-    assert not out_dir.exists()  # nothing half-written
+    proc = run_script("convert_ucf101.py", "--src", tmp_path / "videos", "--out_dir", out_dir, "--min_frames", 4,
+                      "--no-tqdm", check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout
+    assert f"error: 1 of {len(VIDEOS) + 1} videos cannot be used:\n  {bad}: {case[3]}" in proc.stdout
+    assert "--skip_invalid" in proc.stdout and "Traceback" not in proc.stdout
+    assert not out_dir.exists()
+    assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())  # no staging left over
 
-    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--skip_invalid")
-    assert "skipped 1 unreadable video(s)" in proc.stdout and str(broken) in proc.stdout
-    check_output(out_dir)  # the other videos keep consecutive ids
+
+def test_invalid_videos_one_report_and_skip(video_root, tmp_path, run_script):
+    """All bad videos in one report, an earlier conversion left intact; --skip_invalid converts the rest."""
+    root = tmp_path / "videos"
+    bad = with_bad_videos(video_root, root, BAD_VIDEOS)
+    out_dir = tmp_path / "out"
+    run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--no-tqdm")
+    before = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*"))
+
+    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
+                      "--no-tqdm", check=False)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout
+    assert f"error: {len(bad)} of {len(VIDEOS) + len(bad)} videos cannot be used:" in proc.stdout
+    for path, (_, _, _, reason) in zip(bad, BAD_VIDEOS):
+        assert f"  {path}: {reason}" in proc.stdout
+    assert sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")) == before  # untouched
+    check_output(out_dir)
+
+    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
+                      "--skip_invalid", "--no-tqdm")  # fmt: skip
+    assert f"--skip_invalid: skipped {len(bad)} of {len(VIDEOS) + len(bad)} videos" in proc.stdout
+    skipped = read_jsonl(out_dir / "skipped_videos.jsonl")
+    assert sorted(s["path"] for s in skipped) == sorted(map(str, bad))
+    assert {s["path"]: s["reason"] for s in skipped}[str(bad[-1])] == BAD_VIDEOS[-1][3]
+    check_output(out_dir, extra_files=["skipped_videos.jsonl"])  # the good videos keep consecutive ids
+
+    # A clean conversion over it removes the stale list of skipped videos.
+    run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--overwrite", "--no-tqdm")
+    check_output(out_dir)
+
+
+def test_min_frames_argument(capsys):
+    with pytest.raises(SystemExit):
+        convert_ucf101.parse_args(["--min_frames", "0"])
+    assert "--min_frames must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_out_dir_not_empty(video_root, tmp_path, run_script):

@@ -37,7 +37,21 @@ Which settings (published Phi-3-vision results on this task, global batch 64: fu
 
 Full fine-tuning uses DeepSpeed ZeRO-2 (`ds_configs/zero2.json`); LoRA and QLoRA use plain DDP.
 `--save_steps N` writes resumable checkpoints; `--resume_from_checkpoint latest` continues from the
-newest one in `--output_dir`.
+newest complete one in `--output_dir` (a checkpoint left half-written by a kill is skipped). An
+`--output_dir` that holds a finished run (eval_after.json, a saved model or adapter) is refused unless
+`--overwrite_output_dir` is given.
+
+Preflight: before any model is loaded, every training and held-out row the run will use is checked:
+the image is there, is exactly one, and decodes fully (truncated or corrupt files, 1-pixel images;
+CMYK, palette, 16-bit, alpha and EXIF-rotated images are valid and converted the same way everywhere
+by `phi3v.validation.load_image`); the first turn has a non-empty user and assistant text without
+`<|image_N|>` tags of its own; the sample fits `--max_length` (counted from the image header with the
+token-count formula; samples are never truncated). Bad rows stop the run with one report (row number
+in the dataset, split, reason; all of them in output_dir/invalid_rows.jsonl), or with `--skip_invalid`
+are dropped and listed in output_dir/skipped_rows.jsonl.
+
+Throughput: `--group_by_length` batches samples of similar token counts (less padding);
+`--packing` concatenates each micro-batch into one padding-free row (see its help for the trade-off).
 """
 
 from __future__ import annotations
@@ -119,9 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--batch_size_per_gpu", type=int, default=1)
     train.add_argument("--packing", action="store_true",
                        help="pack each micro-batch (--batch_size_per_gpu samples) into one row without padding; "
-                            "positions restart per sample and no token attends across samples. No compute is "
-                            "spent on padding (flash-attn varlen on GPU); on CPU, sdpa builds a block-diagonal "
-                            "mask, so the gain there is only the padding removed. Training and held-out loss only")
+                            "positions restart per sample and no token attends across samples; same loss as "
+                            "padded batches. Saves the compute spent on padding: with --use_flash_attention "
+                            "the varlen kernel also skips the cross-sample attention; with sdpa (CPU) a "
+                            "block-diagonal mask over the whole row is built, so attention costs more when "
+                            "samples are many and long, while the rest of the model saves the padding. "
+                            "Training and held-out loss only (generation stays padded)")
     train.add_argument("--group_by_length", action="store_true",
                        help="sample batches of similar length (counted from image sizes and text, no pixel "
                             "decode), so less padding is wasted; the order stays random across groups")
@@ -871,7 +888,9 @@ def main(argv=None):
         mode = "QLoRA" if args.use_qlora else "LoRA" if args.use_lora else "full fine-tuning"
         print(f"training: {mode}, DeepSpeed {'on' if trainer.is_deepspeed_enabled else 'off'}, "
               f"world size {training_args.world_size}, batch {args.batch_size} = {args.batch_size_per_gpu} per GPU "
-              f"x {training_args.world_size} x {training_args.gradient_accumulation_steps} accumulation")
+              f"x {training_args.world_size} x {training_args.gradient_accumulation_steps} accumulation; "
+              f"{args.batch_size_per_gpu} samples per micro-batch, {'packed' if args.packing else 'padded'}"
+              f"{', grouped by length' if args.group_by_length else ''}")
     trainer.train(resume_from_checkpoint=resume)
     save(trainer, processor, args)
 

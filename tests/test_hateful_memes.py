@@ -164,6 +164,17 @@ def test_collator_and_sample_lengths(script, tiny_model_dir, memes_dataset):
         assert (batch["labels"][i, n:] == -100).all()
         assert answer_ids[-1] == tokenizer.pad_token_id  # <|endoftext|>: why the mask is positional
 
+    # --packing: the same samples in one row, no padding, positions restarting at every sample.
+    packed = script.TrainCollator(processor, packing=True)(rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(lengths))
+    starts = [sum(lengths[:i]) for i in range(3)]
+    assert [i for i, p in enumerate(packed["position_ids"][0].tolist()) if p == 0] == starts
+    for i, start in enumerate(starts):
+        n = lengths[i]
+        assert packed["input_ids"][0, start : start + n].tolist() == batch["input_ids"][i, :n].tolist()
+        assert packed["labels"][0, start : start + n].tolist() == batch["labels"][i, :n].tolist()
+    assert torch.equal(packed["pixel_values"], batch["pixel_values"])
+
     # The preflight gives the same lengths, and marks (never truncates) the samples above --max_length.
     results = script.check_rows(memes_dataset.select(range(3)), processor, max_length=sorted(lengths)[1])
     assert [length for _, length in results] == lengths
@@ -365,3 +376,56 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
     assert AutoProcessor.from_pretrained(out_b / "merged").num_crops == 2
     name = "model.layers.0.self_attn.qkv_proj.weight"
     assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])
+
+
+def test_packing_gives_the_same_losses(run_script, tiny_model_dir, memes_dir, tmp_path):
+    """--packing (3 samples of different lengths in one padding-free row) trains exactly as padded batches."""
+    args = ["--use_lora", "--lora_rank", 4, "--batch_size", 3, "--batch_size_per_gpu", 3, "--num_crops", 2,
+            "--max_steps", 2, "--max_eval_samples", 0]
+    histories = {}
+    for name, extra in (("padded", []), ("packed", ["--packing"])):
+        proc = run_script(SCRIPT, *common_args(tiny_model_dir, memes_dir, tmp_path / name, *args, *extra),
+                          env=ONE_THREAD)
+        assert f"3 samples per micro-batch, {name}" in proc.stdout
+        histories[name] = read_json(tmp_path / name / "log_history.json")
+    padded, packed = (loss_entries(histories[n]) for n in ("padded", "packed"))
+    assert [e["step"] for e in packed] == [1, 2]
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    # Throughput counts real tokens either way: the packed row has no padding to leave out.
+    tokens = [h[-1]["train_tokens_per_second"] * h[-1]["train_runtime"] for h in histories.values()]
+    assert tokens[1] == pytest.approx(tokens[0], rel=0.01)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_group_by_length_sampler(script, tiny_model_dir, memes_dir, tmp_path, monkeypatch, group_by_length):
+    """--group_by_length: the Trainer samples with the lengths of the token-count formula (no pixel decode)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    seen = {}
+
+    def capture(trainer, **kwargs):  # instead of training: look at what the Trainer would sample
+        seen["sampler"] = trainer._get_train_sampler()
+        seen["train_set"] = trainer.train_dataset
+        raise SystemExit(0)
+
+    monkeypatch.setattr(script.ThroughputTrainer, "train", capture)
+    argv = common_args(tiny_model_dir, memes_dir, tmp_path / "out", "--use_lora", "--batch_size", 2,
+                       "--batch_size_per_gpu", 2, "--num_crops", 2, "--max_eval_samples", 0)
+    with pytest.raises(SystemExit):
+        script.main([str(a) for a in argv + (["--group_by_length"] if group_by_length else [])])
+    sampler = seen["sampler"]
+    if not group_by_length:
+        assert not isinstance(sampler, LengthGroupedSampler)
+        return
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=2)
+    lengths = script.sample_lengths(seen["train_set"], processor)
+    assert isinstance(sampler, LengthGroupedSampler) and list(sampler.lengths) == lengths
+    assert len(set(lengths)) > 2
+    # 8 rows, batch 2: mega-batches of one batch each, sorted by decreasing length, the longest first.
+    order = [lengths[i] for i in sampler]
+    assert sorted(order) == sorted(lengths) and order[0] == max(lengths)
+    assert all(order[i] >= order[i + 1] for i in range(0, len(order), 2))

@@ -102,7 +102,7 @@ class Architecture:
         )
 
 
-def batch_counts(batch_stats: dict, *, executed: bool) -> dict:
+def batch_counts(batch_stats: dict, *, executed: bool, attn: str | None = None) -> dict:
     """Counts for `Architecture.step_flops` from what the bench records about one micro-batch.
 
     executed=False: the useful work (real tokens, each sample's own causal attention, supervised
@@ -111,7 +111,8 @@ def batch_counts(batch_stats: dict, *, executed: bool) -> dict:
     logits, and attention as the backend runs it. flash_attention_2 (varlen) computes each
     sample's causal block; sdpa skips the masked half only when it needs no mask (no padding, not
     packed); eager and masked sdpa compute the whole L x L matrix of every row, twice the causal
-    count (a packed row's matrix spans all of its samples).
+    count (a packed row's matrix spans all of its samples). `attn` overrides the backend the
+    batch ran with (the full-size architecture is counted as flash_attention_2 runs it).
     """
     lengths = batch_stats["lengths"]
     own = sum(n * n for n in lengths)
@@ -120,7 +121,7 @@ def batch_counts(batch_stats: dict, *, executed: bool) -> dict:
                     crops=batch_stats["real_crops"], image_tokens=batch_stats["image_tokens"])
     rows = [sum(lengths)] if batch_stats["packed"] else [max(lengths)] * len(lengths)
     padded = not batch_stats["packed"] and min(lengths) != max(lengths)
-    attn = batch_stats["attn"]
+    attn = attn or batch_stats["attn"]
     if attn.startswith("flash_attention"):
         length_squared = own
     elif attn == "eager" or batch_stats["packed"] or padded:

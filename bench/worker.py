@@ -131,19 +131,31 @@ def peak_memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def current_memory_bytes(device: str) -> int | None:
+    """Memory held now (after loading the model): CUDA allocated, or the process's RSS."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return None
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
 def train(model, loader, cfg: dict, warmup_batches: int):
-    """Timed micro-steps: stats, data wait, compute and process CPU seconds of the measured ones, last loss."""
+    """Timed micro-steps: stats, data wait, compute, process CPU seconds and data CPU seconds of the
+    measured ones, last loss."""
     device = cfg["device"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.0)
     model.train()
-    stats, data_s, compute_s, cpu_s = [], [], [], []
+    stats, data_s, compute_s, cpu_s, data_cpu_s = [], [], [], [], []
     pending = 0
     batches = iter(loader)
     for step in range(len(loader)):
         start, start_cpu = time.perf_counter(), time.process_time()
         batch = next(batches)
-        fetched = time.perf_counter()
+        fetched, fetched_cpu = time.perf_counter(), time.process_time()
         info = batch_stats(batch, cfg)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         if cfg["full_vocab_loss"]:
@@ -166,7 +178,8 @@ def train(model, loader, cfg: dict, warmup_batches: int):
             data_s.append(fetched - start)
             compute_s.append(done - fetched)
             cpu_s.append(time.process_time() - start_cpu)
-    return stats, data_s, compute_s, cpu_s, float(loss.detach())
+            data_cpu_s.append(fetched_cpu - start_cpu)
+    return stats, data_s, compute_s, cpu_s, data_cpu_s, float(loss.detach())
 
 
 def generation_speed(model, processor, samples, cfg: dict) -> tuple[float, float]:
@@ -230,8 +243,9 @@ def run(cfg: dict) -> dict:
     model = load_model(cfg, dtype)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    loaded_memory = current_memory_bytes(device)
     load_done = time.perf_counter()
-    stats, data_s, compute_s, cpu_s, loss = train(model, loader, cfg, warmup_batches=len(plan[0]))
+    stats, data_s, compute_s, cpu_s, data_cpu_s, loss = train(model, loader, cfg, warmup_batches=len(plan[0]))
     train_wall = time.perf_counter() - load_done
     peak = peak_memory_bytes(device)
 
@@ -240,8 +254,14 @@ def run(cfg: dict) -> dict:
     full_arch = Architecture.from_config(model_config("full"))
     strategy = cfg["strategy"]
     useful = sum(run_arch.step_flops(strategy, **batch_counts(s, executed=False)) for s in stats)
-    executed_full = sum(full_arch.step_flops(strategy, **batch_counts(s, executed=True)) for s in stats)
+    # The full-size architecture runs on a GPU with flash_attention_2 (each sample's own causal block,
+    # also in padded and packed batches); this run's backend may compute more attention than that.
+    executed_full = sum(full_arch.step_flops(strategy, **batch_counts(s, executed=True, attn="flash_attention_2"))
+                        for s in stats)
+    executed_run = sum(run_arch.step_flops(strategy, **batch_counts(s, executed=True)) for s in stats)
     n_samples = sum(len(s["lengths"]) for s in stats)
+    per_micro_batch = max(len(s["lengths"]) for s in stats)
+    images = sum(s["images"] for s in stats)
     real_tokens = sum(sum(s["lengths"]) for s in stats)
     computed_tokens = sum(batch_counts(s, executed=True)["tokens"] for s in stats)
     result = {
@@ -251,24 +271,36 @@ def run(cfg: dict) -> dict:
         "seconds": seconds,
         "train_wall_seconds": train_wall,
         "samples_per_s": n_samples / seconds,
-        "img_per_s": sum(s["images"] for s in stats) / seconds,
+        "img_per_s": images / seconds,
         "tokens_per_s": real_tokens / seconds,
+        # Non-padding tokens per second of process CPU time: with one torch thread, per core, and
+        # much less moved by other jobs on a shared machine than wall-clock rates.
+        "tokens_per_cpu_s": real_tokens / sum(cpu_s),
         "mean_tokens_per_sample": real_tokens / n_samples,
         "padding_fraction": 1 - real_tokens / computed_tokens,
         "real_crops_per_s": sum(s["real_crops"] for s in stats) / seconds,
         "encoded_crops_per_s": sum(s["slots" if cfg["all_slots"] else "real_crops"] for s in stats) / seconds,
         "data_wait_fraction": sum(data_s) / seconds,
+        # With num_workers=0 the main process decodes, transforms and tokenizes: its CPU time per
+        # image is what one dataloader worker spends per image.
+        "loader_img_per_cpu_s": images / sum(data_cpu_s) if cfg["num_workers"] == 0 and sum(data_cpu_s) else None,
         "step_seconds": seconds / len(stats),
         # On a shared CPU machine the process's CPU time per sample moves less with other jobs than
         # wall time does (with one thread it is the per-core cost).
         "cpu_seconds_per_sample": sum(cpu_s) / n_samples,
         "torch_threads": torch.get_num_threads(),
         "peak_memory_bytes": peak,
+        "samples_per_micro_batch": per_micro_batch,
+        "peak_memory_per_sample_bytes": peak / per_micro_batch,
+        "loaded_memory_bytes": loaded_memory,
+        # What training adds to the loaded model (activations, gradients, optimizer state), per sample.
+        "training_memory_per_sample_bytes": None if loaded_memory is None else (peak - loaded_memory) / per_micro_batch,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS (ru_maxrss)",
         "model_tflops_per_s": useful / seconds / 1e12,
         "useful_tflops_per_sample_full_arch": sum(
             full_arch.step_flops(strategy, **batch_counts(s, executed=False)) for s in stats) / n_samples / 1e12,
         "executed_tflops_per_sample_full_arch": executed_full / n_samples / 1e12,
+        "executed_tflops_per_sample_this_run": executed_run / n_samples / 1e12,
         "last_loss": loss,
     }
     peak_flops = cfg.get("peak_tflops") and cfg["peak_tflops"] * 1e12

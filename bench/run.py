@@ -1,7 +1,8 @@
 """Training throughput and memory of Phi-3.5-vision fine-tuning: the original recipe against phi3v.
 
     python -m bench.run --device cuda --workload docvqa            # full-size model, random weights
-    python -m bench.run --device cpu --strategies lora --attn sdpa  # mid-size model
+    python -m bench.run --device cpu --attn sdpa                    # mid-size model, all strategies
+    python -m bench.run --device cpu --strategies lora --attn sdpa  # one strategy
     python -m bench.run --quick                                     # smoke test, tiny model
 
 For every training strategy (full, frozen_vision, lora, qlora) and attention backend (sdpa, eager,
@@ -18,10 +19,14 @@ Then, for the first strategy and backend, each lever alone on top of the baselin
 +real crops only, +supervised-only loss, +packing), with the training FLOPs each removes per sample
 for the full-size architecture. Also the image processor's per-core speed (bench.preprocess).
 
-It measures images/s, non-padding tokens/s, CLIP crops/s, the share of step time spent waiting for
-data, peak memory (torch.cuda.max_memory_allocated, or the process's peak RSS on CPU), generations/s
-and, on GPU, MFU counting decoder and CLIP FLOPs (bench.flops). Writes results.json and results.md to
---output_dir and prints the tables.
+It measures images/s, non-padding tokens/s (and, on CPU, per CPU-second: with one torch thread a
+per-core rate that other jobs on a shared machine move much less than wall time), CLIP crops/s, the
+share of step time spent waiting for data, peak memory (torch.cuda.max_memory_allocated, or the
+process's peak RSS on CPU) in total and per sample of a micro-batch, generations/s, what one
+dataloader worker delivers per CPU-second, and, on GPU, MFU counting decoder and CLIP FLOPs
+(bench.flops). It ends with the issue's targets, each marked PASS or FAIL from these numbers (GPU-only
+targets read "not measured" on CPU). Writes results.json and results.md to --output_dir and prints
+the tables.
 """
 
 from __future__ import annotations

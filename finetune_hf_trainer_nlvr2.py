@@ -5,9 +5,17 @@ list of turns {user, assistant, source}). As in Microsoft's cookbook recipe, the
 only split are held out for evaluation (`--eval_size`) and the rest is trained on. Every turn of a
 conversation is trained: the first turn carries both images, `<|image_1|><|image_2|>\\n{statement}`;
 later turns are text only. Evaluation asks the first statement of each held-out row and reports
-exact-match accuracy (the answers are "True" / "False"), before and after training. Rows without
-exactly 2 images (or without any turn) are skipped with a printed count and their row numbers;
-training rows longer than `--max_length` tokens are dropped with a printed count.
+exact-match accuracy (the answers are "True" / "False"), before and after training.
+
+Preflight: before the model is loaded, every row the run will use (after --max_*_samples) is checked:
+the table can be read and has `images` and `texts`; each row has exactly 2 images that all decode
+(missing, unreadable, truncated or corrupt images are found by a full decode; CMYK, palette,
+16-bit, transparent and EXIF-rotated images are converted the same way the collator opens them);
+every turn has non-empty user and assistant text and the first-turn prompt's image tags are exactly
+<|image_1|><|image_2|> (no tags in later turns); training rows fit in --max_length tokens (counted
+from the image sizes, never truncated). By default any bad row stops the run with one report naming
+every bad row (parquet file or table row) and its reason, also written to output_dir/invalid_rows.jsonl;
+`--skip_invalid` trains without them and lists them in output_dir/skipped_rows.jsonl.
 
 Launch (one node, 8 GPUs; full fine-tuning uses DeepSpeed ZeRO-2 from ds_configs/zero2.json):
 
@@ -36,14 +44,18 @@ Outputs in `--output_dir`: the model (full fine-tuning) or the LoRA adapter, the
 `eval_before.json` / `eval_after.json` (accuracy, confusion matrix and per-sample predictions),
 `log_history.json` (losses, learning rate, images/s and tokens/s), `loss_curve.png` (training loss,
 held-out loss with `--eval_steps`, learning rate on a second axis), `confusion_matrix.png` (after
-training), checkpoints with `--save_steps`.
+training), checkpoints with `--save_steps`. An --output_dir holding a finished run (or another run's
+checkpoints) is refused unless `--overwrite_output_dir` (nothing is deleted); `--resume_from_checkpoint
+latest` continues from the newest complete checkpoint in it.
+
+Throughput: `--packing` trains each micro batch as one padding-free row, `--group_by_length` draws
+micro batches of similar length (both off by default; see --help).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import re
@@ -52,7 +64,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 DATASET_NAME = "HuggingFaceM4/the_cauldron"
 DATASET_CONFIG = "nlvr2"
@@ -126,7 +137,19 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=int, default=8192,
                         help="longest training conversation (tokens, images included); longer rows are reported "
                              "as invalid, never truncated; 0 = no limit")
-    parser.add_argument("--dataloader_num_workers", type=int, default=4)
+    parser.add_argument("--dataloader_num_workers", type=int, default=4,
+                        help="dataloader processes (also the processes of the preflight check on large data)")
+    parser.add_argument("--skip_invalid", action="store_true",
+                        help="train without the rows that fail the preflight checks (listed in "
+                             "output_dir/skipped_rows.jsonl) instead of stopping with a report")
+    parser.add_argument("--packing", action="store_true",
+                        help="pack each micro batch (--batch_size_per_gpu samples) into one row without padding: "
+                             "no compute spent on padding tokens (flash-attn varlen kernels on GPU; on CPU sdpa "
+                             "builds a block-diagonal mask, whose cost grows with the square of the packed length); "
+                             "same loss as the padded batch; training only, evaluation stays batched and padded")
+    parser.add_argument("--group_by_length", action="store_true",
+                        help="draw micro batches of similar length (tokens counted from the image sizes, without "
+                             "decoding): less padding, at the price of a less random order")
     # Evaluation
     parser.add_argument("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps")
     parser.add_argument("--max_eval_loss_samples", type=int, default=64, help="held-out rows used for --eval_steps")
@@ -259,21 +282,48 @@ def set_single_process_env():
 
 
 def load_data(dataset_path=None):
-    """The whole NLVR2 table of the_cauldron (it has a single `train` split), from the hub or a local copy."""
+    """The whole NLVR2 table of the_cauldron (it has a single `train` split), from the hub or a local copy.
+
+    Returns (dataset, row_name): row_name(n) names row n of the table for a person, with its parquet
+    file when the data came from several files. A copy that cannot be read stops the run here.
+    """
     import datasets
 
     if dataset_path is None:
-        return datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split="train")
+        return datasets.load_dataset(DATASET_NAME, DATASET_CONFIG, split="train"), "row {}".format
     path = Path(dataset_path)
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as error:  # a damaged copy: say which folder, not where in datasets it broke
+            raise SystemExit(f"error: --dataset_path {path}: cannot load the save_to_disk dataset "
+                             f"({type(error).__name__}: {error})") from None
         if isinstance(data, datasets.DatasetDict):
             data = data["train"]
-        return data
-    files = sorted(str(p) for p in path.rglob("*.parquet")) if path.is_dir() else [str(path)]
-    if not files:
-        raise FileNotFoundError(f"--dataset_path {dataset_path}: no save_to_disk folder and no parquet files")
-    return datasets.load_dataset("parquet", data_files=files, split="train")
+        return data, "row {}".format
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    counts = []
+    for file in files:
+        try:
+            counts.append(pq.ParquetFile(file).metadata.num_rows)
+        except Exception as error:
+            raise SystemExit(f"error: {file}: not a readable parquet file ({type(error).__name__}: {error})") from None
+    try:
+        data = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    except Exception as error:
+        raise SystemExit(f"error: --dataset_path {path}: cannot read the parquet data "
+                         f"({type(error).__name__}: {error})") from None
+
+    def row_name(row):  # the files are read in this (sorted) order, one after the other
+        for file, count in zip(files, counts):
+            if row < count:
+                return f"{file.relative_to(path) if path.is_dir() else file.name} row {row}"
+            row -= count
+        return f"row {row}"
+
+    return data, row_name
 
 
 def user_prompt(tokenizer, content):
@@ -292,13 +342,6 @@ def answer_token_ids(tokenizer, answer):
     return tokenizer(f"{answer}<|end|>\n<|endoftext|>", add_special_tokens=False).input_ids
 
 
-def image_size(stored):
-    """(width, height) of a stored image ({bytes, path}) from its header, without decoding pixels."""
-    source = io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
-    with Image.open(source) as image:
-        return image.size
-
-
 def conversation_length(tokenizer, texts, image_sizes, num_crops):
     """Tokens the train collator produces for one row, counted without running the image processor."""
     import phi3v
@@ -314,39 +357,96 @@ def conversation_length(tokenizer, texts, image_sizes, num_crops):
     return total
 
 
-def select_valid_rows(dataset, tokenizer, num_crops, max_length, name, first_row=0):
-    """Keep rows with exactly 2 images and at least one turn that fit in max_length (None = no limit).
+def row_problems(images, texts, tokenizer, num_crops, max_length):
+    """(reasons, length): why one raw row cannot be trained on (empty list: it can), and its length in tokens.
 
-    Bad rows are skipped, not fatal: the count and the first few row numbers (in the full table) are
-    printed. Only image headers are read, so this pass is cheap even on the full dataset.
+    Every image is fully decoded with phi3v's load_image (a truncated JPEG only shows on decode),
+    exactly as the collator will open it. The length (0 when the row is broken) comes from the decoded
+    image sizes and the token-count formula; max_length None means no limit (the held-out rows).
     """
-    started = time.perf_counter()
-    keep, bad_rows, too_long = [], [], 0
-    raw = dataset.select_columns(["images", "texts"]).with_format("arrow")
-    index = 0
-    for table in raw.iter(batch_size=256):
-        for images, texts in zip(table.column("images").to_pylist(), table.column("texts").to_pylist()):
-            if images is None or len(images) != 2 or not texts:
-                bad_rows.append(first_row + index)
-            elif max_length is None or conversation_length(
-                tokenizer, texts, [image_size(im) for im in images], num_crops
-            ) <= max_length:
-                keep.append(index)
-            else:
-                too_long += 1
-            index += 1
-    if bad_rows:
-        print(f"[{name}] skipped {len(bad_rows)} row(s) without exactly 2 images or without turns "
-              f"(rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''})")
-    if too_long:
-        print(f"[{name}] dropped {too_long} row(s) longer than --max_length {max_length} tokens")
-    print(f"[{name}] {len(keep)} rows (checked in {time.perf_counter() - started:.1f} s)")
-    return dataset.select(keep) if len(keep) != len(dataset) else dataset
+    from phi3v.validation import InvalidSample, image_tag_problem, load_image
+
+    reasons = []
+    # Adapt: the checks of your own row layout (here the_cauldron's: 2 images, turns of user/assistant).
+    if not isinstance(texts, list) or not texts:
+        reasons.append("no conversation: 'texts' must be a non-empty list of {user, assistant} turns")
+        texts = []
+    for number, turn in enumerate(texts, start=1):
+        if not isinstance(turn, dict):
+            reasons.append(f"turn {number} is a {type(turn).__name__}, not a {{user, assistant}} record")
+            continue
+        for role in ("user", "assistant"):
+            value = turn.get(role)
+            if not isinstance(value, str) or not value.strip():
+                reasons.append(f"turn {number}: {'missing' if value is None else 'empty'} {role} text")
+        if isinstance(turn.get("user"), str):
+            # The script writes the tags of the first turn itself; tags inside the data would clash with them.
+            prompt, num_images = (first_turn_content(turn["user"]), 2) if number == 1 else (turn["user"], 0)
+            problem = image_tag_problem(prompt, num_images)
+            if problem:
+                kind = "the prompt with both images" if number == 1 else "a text-only turn"
+                reasons.append(f"turn {number} ({kind}): {problem}")
+    images = list(images) if isinstance(images, (list, tuple)) else []
+    if len(images) != 2:
+        reasons.append(f"{len(images)} image(s); NLVR2 rows need exactly 2")
+    sizes = []
+    for number, image in enumerate(images, start=1):
+        if image is None:
+            reasons.append(f"image {number}: missing (null)")
+            continue
+        try:
+            sizes.append(load_image(image).size)
+        except InvalidSample as error:
+            reasons.append(f"image {number}: {error}")
+    if reasons:
+        return reasons, 0
+    length = conversation_length(tokenizer, texts, sizes, num_crops)
+    if max_length is not None and length > max_length:
+        # Never cut: truncation would drop image tokens or the answer.
+        reasons.append(f"{length} tokens (images included) > --max_length {max_length}")
+    return reasons, length
+
+
+def check_rows(dataset, tokenizer, num_crops, max_length, num_proc, split):
+    """row_problems for every row: (reasons per row, length per row).
+
+    A datasets map: with several processes on large tables, and cached, so that the other processes
+    of a distributed run (waiting in main_process_first) read the main process's results.
+    """
+    from datasets import Features, List, Value
+
+    def check(table):
+        results = [row_problems(images, texts, tokenizer, num_crops, max_length)
+                   for images, texts in zip(table.column("images").to_pylist(), table.column("texts").to_pylist())]
+        return {"problems": [reasons for reasons, _ in results], "num_tokens": [n for _, n in results]}
+
+    checked = dataset.select_columns(["images", "texts"]).with_format("arrow").map(
+        check, batched=True, batch_size=64, remove_columns=["images", "texts"],
+        features=Features({"problems": List(Value("string")), "num_tokens": Value("int64")}),
+        num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 1000 else None,
+        desc=f"preflight of the {split} rows",
+    ).with_format(None)
+    return checked["problems"], checked["num_tokens"]
 
 
 def create_datasets(args, tokenizer):
-    """(train, eval): the first --eval_size rows are held out, as the cookbook's train[:500] / train[500:]."""
-    data = load_data(args.dataset_path)
+    """(train, eval, preflight): the first --eval_size rows are held out, as the cookbook's train[:500] / train[500:].
+
+    Every row that will be used (after --max_*_samples) is checked; the problems are collected in
+    `preflight`, not acted on, so that the caller can stop or drop rows on every process alike. Both
+    sets get a `length` column (tokens, from the image sizes) for --group_by_length.
+    """
+    from phi3v.validation import Preflight
+
+    data, row_name = load_data(args.dataset_path)
+    missing = [name for name in ("images", "texts") if name not in data.column_names]
+    if missing:
+        raise SystemExit(f"error: --dataset_path {args.dataset_path or DATASET_NAME}: missing column(s) "
+                         f"{', '.join(missing)} (found: {', '.join(data.column_names)}); NLVR2 rows need "
+                         "`images` (2 images) and `texts` (turns of user/assistant text)")
+    if "length" in data.column_names:
+        data = data.remove_columns("length")
+
     eval_size = min(args.eval_size, len(data))
     eval_set = data.select(range(eval_size))
     train_set = data.select(range(eval_size, len(data)))
@@ -354,28 +454,72 @@ def create_datasets(args, tokenizer):
         train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
     if args.max_eval_samples is not None:
         eval_set = eval_set.select(range(min(args.max_eval_samples, len(eval_set))))
-    train_set = select_valid_rows(
-        train_set, tokenizer, args.num_crops, args.max_length or None, "train", first_row=eval_size
-    )
-    # Eval rows are only checked for their two images: generation has no training length limit.
-    eval_set = select_valid_rows(eval_set, tokenizer, args.num_crops, None, "eval")
+    if len(train_set) == 0:
+        raise SystemExit(f"error: no training rows: the table has {len(data)} rows and the first --eval_size "
+                         f"{args.eval_size} are held out")
+
+    preflight = Preflight(f"the NLVR2 data ({args.dataset_path or DATASET_NAME})")
+    # Held-out rows have no length limit: generation asks the first statement only.
+    limits = {"eval": (eval_set, 0, None), "train": (train_set, eval_size, args.max_length or None)}
+    checked = {}
+    for split, (subset, first_row, max_length) in limits.items():
+        problems, lengths = check_rows(subset, tokenizer, args.num_crops, max_length,
+                                       args.dataloader_num_workers, split)
+        for index, reasons in enumerate(problems):
+            if reasons:
+                preflight.add(f"{row_name(first_row + index)} ({split})", "; ".join(reasons), key=(split, index))
+        checked[split] = subset.add_column("length", lengths)
+    return checked["train"], checked["eval"], preflight
+
+
+def without_rows(dataset, split, dropped):
+    """The rows of `dataset` whose key (split, index) the preflight did not drop."""
+    keep = [index for index in range(len(dataset)) if (split, index) not in dropped]
+    return dataset.select(keep) if len(keep) != len(dataset) else dataset
+
+
+def prepare_datasets(args, training_args, tokenizer):
+    """Checked (train, eval) sets; every process of a distributed run ends with the same rows or the same stop.
+
+    The checks run on the main process first (the others then read its cached results); the
+    decision to stop or drop is taken by every process only after that, so none exits alone.
+    """
+    with training_args.main_process_first(local=True, desc="checking the data"):
+        train_set, eval_set, preflight = create_datasets(args, tokenizer)
+    dropped = preflight.finish(args.output_dir, args.skip_invalid, is_main=training_args.should_save)
+    train_set, eval_set = without_rows(train_set, "train", dropped), without_rows(eval_set, "eval", dropped)
+    if len(train_set) == 0:
+        raise SystemExit(f"error: no valid training rows left after --skip_invalid (all {len(preflight)} "
+                         f"listed in {Path(args.output_dir) / 'skipped_rows.jsonl'})")
+    if training_args.should_save:
+        print(f"data: {len(train_set)} training rows, {len(eval_set)} held-out rows"
+              f"{f' ({len(preflight)} invalid rows skipped)' if dropped else ''}")
     return train_set, eval_set
 
 
 class NLVR2DataCollator:
-    """Raw rows -> a right-padded training batch; every turn of every conversation is supervised.
+    """Raw rows -> a training batch; every turn of every conversation is supervised.
 
     Each turn is its own chat-template call, so every turn starts with <s><|user|> (as the cookbook):
     turn = [prompt | answer], labels = [-100 ... | answer]. The first turn holds both images.
-    Runs in the dataloader workers, so image decoding and cropping happen there.
+    Runs in the dataloader workers, so image decoding and cropping happen there. Every image goes
+    through phi3v's load_image (EXIF rotation, transparency, CMYK, 16-bit -> RGB) exactly as in the
+    preflight, so nothing the preflight accepted can fail here.
+
+    Default: a right-padded batch with an attention mask. packing=True: the samples are concatenated
+    into ONE row without padding (phi3v.pack_examples: positions restart at every sample and no token
+    attends across samples), which wastes no compute on padding tokens.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, packing=False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.packing = packing
 
     def encode(self, example):
-        images = example["images"]
+        from phi3v.validation import load_image
+
+        images = [load_image(image) for image in example["images"]]
         if len(images) != 2:
             raise ValueError(f"NLVR2 rows need exactly 2 images, got {len(images)}: {example['texts']}")
         input_ids, labels = [], []
@@ -395,6 +539,13 @@ class NLVR2DataCollator:
 
     def __call__(self, examples):
         encoded = [self.encode(example) for example in examples]
+        if self.packing:
+            import phi3v
+
+            return phi3v.pack_examples([
+                {"input_ids": ids, "labels": row_labels, "pixel_values": pixels, "image_sizes": sizes}
+                for ids, row_labels, pixels, sizes in encoded
+            ])
         longest = max(len(ids) for ids, *_ in encoded)
         input_ids = torch.full((len(encoded), longest), self.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)
@@ -506,6 +657,9 @@ def create_training_arguments(args, use_cuda, world_size):
         # else accelerate asks for a process group that nobody created.
         ddp_backend="gloo" if not use_cuda and "LOCAL_RANK" in os.environ else None,
         remove_unused_columns=False,  # the collator needs the raw `images` and `texts` columns
+        # The `length` column comes from the preflight: image sizes + token-count formula, no pixel decoding.
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        length_column_name="length",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=args.dataloader_num_workers,
         dataloader_prefetch_factor=2 if args.dataloader_num_workers > 0 else None,
@@ -536,7 +690,9 @@ def make_trainer_class():
             if self._last_log_time is None:
                 self._last_log_time = time.perf_counter()
             images = len(inputs["image_sizes"]) if "image_sizes" in inputs else 0
-            self._since_log += torch.tensor([images, float(inputs["attention_mask"].sum())], dtype=torch.float64)
+            # Packed rows (--packing) have no padding and no attention_mask: every token is real.
+            tokens = float(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+            self._since_log += torch.tensor([images, tokens], dtype=torch.float64)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def _summed(self, counts):
@@ -668,6 +824,7 @@ def save_plots(output_dir, log_history, eval_after):
 def evaluate(model, processor, dataset, args, training_args, output_file):
     """Greedy answers to the first statement of each row; exact-match accuracy written by rank 0."""
     from accelerate.utils import gather_object
+    from phi3v.validation import load_image
 
     tokenizer = processor.tokenizer
     shard = contiguous_shard(dataset, training_args.world_size, training_args.process_index)
@@ -686,7 +843,8 @@ def evaluate(model, processor, dataset, args, training_args, output_file):
                 # Adapt: the evaluation prompt (here the first turn only, as the cookbook).
                 questions = [texts[0]["user"] for texts in rows["texts"]]
                 prompts = [user_prompt(tokenizer, first_turn_content(q)) for q in questions]
-                inputs = processor(text=prompts, images=[list(images) for images in rows["images"]], padding=True)
+                images = [[load_image(image) for image in row_images] for row_images in rows["images"]]
+                inputs = processor(text=prompts, images=images, padding=True)
                 inputs = inputs.to(device)
                 generated = model.generate(
                     **inputs,
@@ -763,9 +921,10 @@ def main(argv=None):
 
     training_args = create_training_arguments(args, use_cuda, world_size)
     set_seed(args.seed)
-    with training_args.main_process_first(local=True, desc="loading processor and data"):
+    with training_args.main_process_first(local=True, desc="loading the processor"):
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
-        train_set, eval_set = create_datasets(args, processor.tokenizer)
+    # Before the model is loaded: bad data stops the run in seconds, with one report.
+    train_set, eval_set = prepare_datasets(args, training_args, processor.tokenizer)
     with training_args.main_process_first(local=True, desc="loading model"):
         model = create_model(args, use_cuda)
     if not args.use_qlora:
@@ -783,7 +942,7 @@ def main(argv=None):
     trainer = make_trainer_class()(
         model=model,
         args=training_args,
-        data_collator=NLVR2DataCollator(processor),
+        data_collator=NLVR2DataCollator(processor, packing=args.packing),
         train_dataset=train_set,
         eval_dataset=eval_loss_set,
         processing_class=processor,  # checkpoints then hold the processor too

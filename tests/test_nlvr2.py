@@ -29,7 +29,7 @@ def turn(question, answer):
 
 
 def make_rows():
-    """10 rows: pairs of 64x64 solid colours, 1 or 2 turns; row 7 (a training row) has a single image."""
+    """10 rows: pairs of solid colours (64x64 and 64x48), 1 turn (even rows) or 2 turns (odd rows)."""
     names = list(COLOURS)
     rows = []
     for i in range(10):
@@ -38,8 +38,6 @@ def make_rows():
         texts = [turn("Are both images red?", str(left == right == "red"))]
         if i % 2:
             texts.append(turn(f"Is the left image {left}?", "True"))
-        if i == 7:
-            images = images[:1]
         rows.append({"images": images, "texts": texts})
     return rows
 
@@ -210,39 +208,25 @@ def test_save_plots(tmp_path, monkeypatch):
     assert not (tmp_path / "confusion_matrix.png").exists()
 
 
-def test_argument_checks_and_length_filter(tiny_model_dir, nlvr2_dir, capsys):
+def test_preflight_lengths_and_length_limit(tiny_model_dir, nlvr2_dir):
+    """The preflight counts image tokens in each row's length, and flags (never cuts) rows over --max_length."""
     import datasets
     from transformers import AutoProcessor
 
     module = load_script()
-    for argv, message in [
-        (["--num_crops", "0"], "--num_crops must be between 1 and 16"),
-        (["--use_flash_attention"], "--use_flash_attention needs --bf16"),
-        (["--batch_size", "3", "--batch_size_per_gpu", "2"], "is not divisible by world_size 1"),
-        (["--merge_lora"], "--merge_lora only applies"),
-    ]:
-        with pytest.raises(SystemExit):
-            module.parse_args(argv)
-        assert message in capsys.readouterr().err
-    assert module.parse_args(["--use_qlora"]).use_lora
-
-    # --max_length counts image tokens too: 2 x 313 image tokens + text; two-turn rows are longer.
     processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
     data = datasets.load_from_disk(str(nlvr2_dir))
-    lengths = {}
-    for i in range(len(data)):
-        row = data[i]
-        if len(row["images"]) == 2:
-            sizes = [im.size for im in row["images"]]
-            lengths[i] = module.conversation_length(processor.tokenizer, row["texts"], sizes, 1)
-    limit = max(n for i, n in lengths.items() if i % 2 == 0)  # longest one-turn row fits
-    assert all(lengths[i] > limit for i in lengths if i % 2)
-    kept = module.select_valid_rows(data, processor.tokenizer, 1, limit, "train")
-    out = capsys.readouterr().out
-    assert len(kept) == 5 and all(len(row["texts"]) == 1 for row in kept)
-    assert "skipped 1 row(s) without exactly 2 images" in out and "rows [7]" in out
-    assert "dropped 4 row(s) longer than --max_length" in out
-    assert len(module.select_valid_rows(data, processor.tokenizer, 1, None, "eval")) == 9
+    expected = [module.conversation_length(processor.tokenizer, row["texts"], [im.size for im in row["images"]], 1)
+                for row in data]
+    assert min(expected) > 2 * 313  # 2 x 313 image tokens (num_crops 1) + text
+    limit = max(n for i, n in enumerate(expected) if i % 2 == 0)  # the longest one-turn row fits
+    assert all(expected[i] > limit for i in range(1, len(data), 2))  # two-turn rows are longer
+    problems, lengths = module.check_rows(data, processor.tokenizer, 1, limit, 0, "train")
+    assert list(lengths) == expected
+    assert [bool(p) for p in problems] == [i % 2 == 1 for i in range(len(data))]
+    assert problems[1] == [f"{expected[1]} tokens (images included) > --max_length {limit}"]
+    problems, lengths = module.check_rows(data, processor.tokenizer, 1, None, 0, "eval")
+    assert not any(problems) and list(lengths) == expected
 
 
 def test_full_finetune_frozen_vision_zero2(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
@@ -255,7 +239,7 @@ def test_full_finetune_frozen_vision_zero2(tiny_model_dir, nlvr2_dir, run_script
     log = proc.stdout
     assert "setup: full fine-tuning | DeepSpeed ZeRO-2 | world size 1 x micro batch 2 x accumulation 1" in log
     assert "vision frozen" in log
-    assert "[train] skipped 1 row(s) without exactly 2 images" in log and "rows [7]" in log
+    assert "data: 6 training rows, 4 held-out rows" in log
     check_eval_files(out, 4)
     assert len(train_losses(out)) == 2
 

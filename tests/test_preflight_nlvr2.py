@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO
 
@@ -133,3 +139,221 @@ def test_output_dir_with_checkpoints_of_unfinished_run(script, capsys, tmp_path)
     assert args.resume_from_checkpoint == str(out / "checkpoint-4")
     assert f"resuming from {out / 'checkpoint-4'}" in capsys.readouterr().out
     assert script.parse_args(["--output_dir", str(out), "--overwrite_output_dir"]).resume_from_checkpoint is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data: the real script stops before training with one report naming the row and the reason
+# ----------------------------------------------------------------------------------------------
+
+NUM_EVAL = 2  # --eval_size: rows 0-1 are held out, the rest are training rows
+
+
+def encoded(image, fmt="PNG", **save_args):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def picture(width=64, height=48, colour=(200, 30, 30)):
+    return {"bytes": encoded(Image.new("RGB", (width, height), colour)), "path": None}
+
+
+def good_row(question="Are both images red?", answer="True"):
+    return {"images": [picture(), picture(40, 64, (30, 30, 200))],
+            "texts": [{"user": question, "assistant": answer, "source": "nlvr2"}]}
+
+
+def write_rows(folder, rows, form="disk", columns=("images", "texts")):
+    """the_cauldron's nlvr2 layout (images: list of Image, texts: list of turns), as save_to_disk or parquet."""
+    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+
+    features = Features({
+        "images": List(ImageFeature()),
+        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
+    })
+    data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("images", "texts")}, features=features)
+    if list(columns) != ["images", "texts"]:
+        data = data.rename_columns(dict(zip(["images", "texts"], columns)))
+    if form == "disk":
+        data.save_to_disk(str(folder))
+    elif form == "parquet":
+        folder.mkdir(parents=True)
+        data.to_parquet(str(folder / "part-0.parquet"))
+    else:  # "parquet_by_path": images that are files stay references (save_to_disk would embed them)
+        import pyarrow.parquet as pq
+
+        folder.mkdir(parents=True)
+        pq.write_table(data.data.table, str(folder / "part-0.parquet"))
+    return folder
+
+
+def with_defect(row_index, change):
+    """Good rows 0..5; row `row_index` changed in place by `change(row)`."""
+    rows = [good_row() for _ in range(6)]
+    change(rows[row_index])
+    return rows
+
+
+def set_image(index, value):
+    def change(row):
+        row["images"][index] = value
+    return change
+
+
+def set_turn(**fields):
+    def change(row):
+        row["texts"][-1].update(fields)
+    return change
+
+
+def truncated_jpeg():
+    data = encoded(Image.effect_noise((64, 64), 60).convert("RGB"), "JPEG", quality=90)
+    return {"bytes": data[: len(data) // 2], "path": None}
+
+
+# Stored by path only (bytes None), and gone by the time of the run.
+MOVED_IMAGE = Path(tempfile.mkdtemp(prefix="nlvr2-preflight-")) / "left.png"
+LONG_QUESTION = "Is the left picture " + "very " * 400 + "red?"
+
+# (id, rows, storage, extra arguments, message in the report, where in the report): one kind of defect each.
+BAD_DATA = [
+    ("one_image", lambda: with_defect(3, lambda r: r["images"].pop()), "disk", [],
+     "1 image(s); NLVR2 rows need exactly 2", "row 3 (train)"),
+    ("missing_image_file", lambda: with_defect(2, set_image(0, {"bytes": None, "path": str(MOVED_IMAGE)})),
+     "parquet_by_path", [],
+     f"image 1: image file not found: {MOVED_IMAGE}", "part-0.parquet row 2 (train)"),
+    ("truncated_jpeg", lambda: with_defect(5, set_image(1, truncated_jpeg())), "disk", [],
+     "image 2: corrupt or truncated image", "row 5 (train)"),
+    ("not_an_image", lambda: with_defect(1, set_image(0, {"bytes": b"<html>404 not found</html>", "path": None})),
+     "disk", [],
+     "image 1: not an image PIL can read", "row 1 (eval)"),
+    ("empty_answer", lambda: with_defect(4, set_turn(assistant="  ")), "disk", [], "turn 1: empty assistant text",
+     "row 4 (train)"),
+    ("no_turns", lambda: with_defect(3, lambda r: r["texts"].clear()), "disk", [],
+     "no conversation: 'texts' must be a non-empty list", "row 3 (train)"),
+    ("image_tag_in_question", lambda: with_defect(2, set_turn(user="<|image_1|>Is the left image red?")), "disk", [],
+     "turn 1 (the prompt with both images): the text's image tags (<|image_1|>, <|image_2|>, <|image_1|>)",
+     "row 2 (train)"),
+    ("too_long", lambda: with_defect(4, set_turn(user=LONG_QUESTION)), "disk", ["--max_length", 1000],
+     "tokens (images included) > --max_length 1000", "row 4 (train)"),
+]
+
+
+def run_args(tiny_model_dir, data, out, *extra):
+    return ["--model_name_or_path", tiny_model_dir, "--dataset_path", data, "--output_dir", out,
+            "--eval_size", NUM_EVAL, "--num_crops", 1, "--batch_size", 2, "--deepspeed", "none",
+            "--dataloader_num_workers", 0, "--no-tqdm", *extra]
+
+
+def assert_stopped_before_training(proc, out):
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert "setup:" not in proc.stdout  # the trainer was never built
+    assert not (out / "eval_before.json").exists() and not (out / "log_history.json").exists()
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("make_rows, storage, extra, message, where", [case[1:] for case in BAD_DATA],
+                         ids=[case[0] for case in BAD_DATA])
+def test_bad_row_stops_before_training(tiny_model_dir, run_script, tmp_path, make_rows, storage, extra, message,
+                                       where):
+    Image.new("RGB", (32, 32)).save(MOVED_IMAGE)  # exists while the dataset is written
+    data = write_rows(tmp_path / "data", make_rows(), form=storage)
+    MOVED_IMAGE.unlink()
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out, *extra), check=False)
+    assert_stopped_before_training(proc, out)
+    assert "1 invalid row(s) in the NLVR2 data" in proc.stdout
+    report_line = next(line for line in proc.stdout.splitlines() if line.startswith(f"  {where}: "))
+    assert message in report_line, report_line
+    assert "pass --skip_invalid to train without them" in proc.stdout
+    listed = [json.loads(line) for line in (out / "invalid_rows.jsonl").read_text().splitlines()]
+    assert len(listed) == 1 and listed[0]["where"] == where and message in listed[0]["reason"]
+
+
+@pytest.mark.parametrize("case", ["missing_column", "unreadable_parquet"])
+def test_unreadable_dataset_stops_before_training(tiny_model_dir, run_script, tmp_path, case):
+    if case == "missing_column":
+        data = write_rows(tmp_path / "data", [good_row() for _ in range(4)], columns=("images", "conversations"))
+        message = f"--dataset_path {data}: missing column(s) texts (found: images, conversations)"
+    else:
+        data = write_rows(tmp_path / "data", [good_row() for _ in range(4)], form="parquet")
+        (data / "part-1.parquet").write_bytes(b"PAR1 not really parquet")
+        message = f"{data / 'part-1.parquet'}: not a readable parquet file"
+    out = tmp_path / "out"
+    proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out), check=False)
+    assert_stopped_before_training(proc, out)
+    assert message in proc.stdout
+
+
+def unusual_images():
+    """Valid images that are easy to get wrong: each must pass the preflight and train."""
+    import numpy as np
+
+    palette = Image.new("P", (50, 40))
+    palette.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    palette.paste(1, (10, 10, 40, 30))
+    rgba = Image.new("RGBA", (48, 48), (200, 30, 30, 128))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: stored 40x80, seen 80x40
+    gray16 = Image.fromarray(np.linspace(0, 60000, 40 * 30, dtype=np.uint16).reshape(30, 40))
+    assert gray16.mode.startswith("I;16")
+    return {
+        "cmyk_jpeg": encoded(Image.new("CMYK", (64, 48), (0, 200, 200, 0)), "JPEG"),
+        "palette_transparency": encoded(palette, "PNG", transparency=0),
+        "gray16_png": encoded(gray16, "PNG"),
+        "rgba_png": encoded(rgba, "PNG"),
+        "exif_rotated_jpeg": encoded(Image.new("RGB", (40, 80), (30, 200, 30)), "JPEG", exif=exif.tobytes()),
+        "tiny_3x3": encoded(Image.new("RGB", (3, 3), (200, 30, 30)), "PNG"),
+        "very_wide": encoded(Image.new("RGB", (1600, 12), (30, 30, 200)), "PNG"),
+        "gray_alpha": encoded(Image.new("LA", (30, 60), (90, 100)), "PNG"),
+    }
+
+
+def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run_script, tmp_path):
+    """--skip_invalid: bad rows (eval and train) are listed in skipped_rows.jsonl and left out; the unusual
+    but valid images pass the preflight and go through the collator and generation (one step sees all)."""
+    unusual = unusual_images()
+    valid_train = [good_row() for _ in unusual]
+    for row, data in zip(valid_train, unusual.values()):
+        row["images"][0] = {"bytes": data, "path": None}
+    eval_rows = [good_row(), good_row()]
+    eval_rows[0]["images"][1] = {"bytes": unusual["cmyk_jpeg"], "path": None}
+    eval_rows[1]["images"][1] = None
+    bad_train = [good_row() for _ in range(4)]
+    bad_train[0]["images"].append(picture())
+    bad_train[1]["images"][0] = picture(1, 1)
+    bad_train[2]["texts"][0]["user"] = None
+    bad_train[3]["texts"].append({"user": "And <|image_1|>?", "assistant": "No", "source": "nlvr2"})
+    train_rows = valid_train[:3] + bad_train[:2] + valid_train[3:] + bad_train[2:]
+    # Two parquet files: the report names the file and the row in it.
+    data = tmp_path / "data"
+    write_rows(tmp_path / "part0", eval_rows, form="parquet")
+    write_rows(tmp_path / "part1", train_rows, form="parquet")
+    data.mkdir()
+    (tmp_path / "part0" / "part-0.parquet").rename(data / "part-0.parquet")
+    (tmp_path / "part1" / "part-0.parquet").rename(data / "part-1.parquet")
+
+    out = tmp_path / "out"
+    n = len(valid_train)
+    proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out, "--skip_invalid", "--max_steps", 1,
+                                        "--batch_size", n, "--batch_size_per_gpu", n, "--max_new_tokens", 2,
+                                        "--logging_steps", 1, "--learning_rate", 1e-3))
+    assert "Traceback" not in proc.stdout
+    assert "5 invalid row(s) in the NLVR2 data" in proc.stdout and "--skip_invalid: training without them" in proc.stdout
+    assert f"data: {n} training rows, 1 held-out rows (5 invalid rows skipped)" in proc.stdout
+    skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(s["where"], s["reason"]) for s in skipped] == [
+        ("part-0.parquet row 1 (eval)", "image 2: missing (null)"),
+        ("part-1.parquet row 3 (train)", "3 image(s); NLVR2 rows need exactly 2"),
+        ("part-1.parquet row 4 (train)", "image 1: image is 1x1 pixels; at least 2x2 needed"),
+        ("part-1.parquet row 10 (train)", "turn 1: missing user text"),
+        ("part-1.parquet row 11 (train)",
+         "turn 2 (a text-only turn): the text has image tags (<|image_1|>) but no images are listed"),
+    ]
+    assert not (out / "invalid_rows.jsonl").exists()
+    # One step of n samples: every unusual image was decoded, cropped and trained on.
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 1 and math.isfinite(steps[0]["loss"]) and steps[0]["images_per_second"] > 0
+    assert json.loads((out / "eval_after.json").read_text())["num_samples"] == 1

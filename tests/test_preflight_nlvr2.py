@@ -110,8 +110,7 @@ def test_output_dir_with_finished_run(script, capsys, tmp_path, finished_file):
     assert f"--output_dir {out} already holds a finished run ({finished_file})" in err
     assert "--overwrite_output_dir" in err
     # Resuming does not make a finished run writable either.
-    (out / "checkpoint-2").mkdir()
-    (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    write_checkpoint(out / "checkpoint-2", 2)
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-2")])
     assert "already holds a finished run" in capsys.readouterr().err
@@ -122,10 +121,18 @@ def test_output_dir_with_finished_run(script, capsys, tmp_path, finished_file):
     assert (out / finished_file).exists() and (out / "checkpoint-2").exists()  # nothing deleted
 
 
+def write_checkpoint(folder, step):
+    """What the Trainer leaves in a complete checkpoint-N (contents made up)."""
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    torch.save({}, folder / "optimizer.pt")
+    torch.save({}, folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
 def test_output_dir_with_checkpoints_of_unfinished_run(script, capsys, tmp_path):
     out = tmp_path / "out"
-    (out / "checkpoint-4").mkdir(parents=True)
-    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    write_checkpoint(out / "checkpoint-4", 4)
     (out / "eval_before.json").write_text("{}")  # written before training: not a finished run
     with pytest.raises(SystemExit):
         script.parse_args(["--output_dir", str(out)])

@@ -42,9 +42,9 @@ A quick CPU check of the whole pipeline (tiny random model from `python -m phi3v
 
 Outputs in `--output_dir`: the model (full fine-tuning) or the LoRA adapter, the processor,
 `eval_before.json` / `eval_after.json` (accuracy, confusion matrix and per-sample predictions),
-`log_history.json` (losses, learning rate, images/s and tokens/s), `loss_curve.png` (training loss,
-held-out loss with `--eval_steps`, learning rate on a second axis), `confusion_matrix.png` (after
-training), checkpoints with `--save_steps`. An --output_dir holding a finished run (or another run's
+`log_history.json` (losses, learning rate, images/s, tokens/s, fraction of padding positions),
+`loss_curve.png` (training loss, held-out loss with `--eval_steps`, learning rate on a second axis),
+`confusion_matrix.png` (after training), checkpoints with `--save_steps`. An --output_dir holding a finished run (or another run's
 checkpoints) is refused unless `--overwrite_output_dir` (nothing is deleted); `--resume_from_checkpoint
 latest` continues from the newest complete checkpoint in it.
 
@@ -415,6 +415,9 @@ def check_rows(dataset, tokenizer, num_crops, max_length, num_proc, split):
     """
     from datasets import Features, List, Value
 
+    if len(dataset) == 0:  # datasets skips the map (and its new columns) on an empty table
+        return [], []
+
     def check(table):
         results = [row_problems(images, texts, tokenizer, num_crops, max_length)
                    for images, texts in zip(table.column("images").to_pylist(), table.column("texts").to_pylist())]
@@ -674,7 +677,8 @@ def make_trainer_class():
     from transformers import Trainer
 
     class ThroughputTrainer(Trainer):
-        """Trainer that logs training images/s and non-padding tokens/s next to the loss (all ranks summed).
+        """Trainer that logs training images/s, non-padding tokens/s and the fraction of the batches' positions
+        that are padding next to the loss (all ranks summed).
 
         Counted from the batches the model actually gets (so dataloader workers and resumed runs are
         right), and added in `log` before the entry reaches `log_history` and the loggers.
@@ -682,8 +686,8 @@ def make_trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._since_log = torch.zeros(2, dtype=torch.float64)  # images, tokens on this rank
-            self._total = torch.zeros(2, dtype=torch.float64)
+            self._since_log = torch.zeros(3, dtype=torch.float64)  # images, real tokens, positions on this rank
+            self._total = torch.zeros(3, dtype=torch.float64)
             self._last_log_time = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -691,8 +695,9 @@ def make_trainer_class():
                 self._last_log_time = time.perf_counter()
             images = len(inputs["image_sizes"]) if "image_sizes" in inputs else 0
             # Packed rows (--packing) have no padding and no attention_mask: every token is real.
-            tokens = float(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-            self._since_log += torch.tensor([images, tokens], dtype=torch.float64)
+            positions = inputs["input_ids"].numel()
+            tokens = float(inputs["attention_mask"].sum()) if "attention_mask" in inputs else positions
+            self._since_log += torch.tensor([images, tokens, positions], dtype=torch.float64)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def _summed(self, counts):
@@ -706,6 +711,7 @@ def make_trainer_class():
                 seconds = max(now - self._last_log_time, 1e-9)
                 logs["images_per_second"] = round(float(counts[0]) / seconds, 3)
                 logs["tokens_per_second"] = round(float(counts[1]) / seconds, 3)
+                logs["padding_fraction"] = round(1 - float(counts[1]) / max(float(counts[2]), 1.0), 4)
                 self._total += self._since_log
                 self._since_log.zero_()
                 self._last_log_time = now
@@ -716,6 +722,7 @@ def make_trainer_class():
                 runtime = max(logs["train_runtime"], 1e-9)
                 logs["train_images_per_second"] = round(float(counts[0]) / runtime, 3)
                 logs["train_tokens_per_second"] = round(float(counts[1]) / runtime, 3)
+                logs["train_padding_fraction"] = round(1 - float(counts[1]) / max(float(counts[2]), 1.0), 4)
             super().log(logs, start_time)
 
     return ThroughputTrainer
@@ -735,6 +742,8 @@ def describe_setup(trainer, args, world_size):
     return (f"setup: {method} | {engine} | world size {world_size} x micro batch {targs.per_device_train_batch_size}"
             f" x accumulation {targs.gradient_accumulation_steps} = batch {args.batch_size} | {precision}"
             f" | vision {'frozen' if args.freeze_vision_model else 'trained'}"
+            f" | {'packed rows' if args.packing else 'padded batches'}"
+            f"{', length-grouped' if targs.train_sampling_strategy == 'group_by_length' else ''}"
             f" | trainable parameters {trainable:,} of {sum(p.numel() for p in params):,}")
 
 

@@ -306,3 +306,56 @@ def test_lora_parquet_eval_loss_checkpoint_merge(tiny_model_dir, nlvr2_dir, run_
     for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.vision_embed_tokens.img_projection.0.weight"):
         assert not torch.equal(initial[name], merged[name]), name
     assert torch.equal(initial["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+
+
+def test_packing_trains_like_padded_batches(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+    """--packing: each micro batch is one padding-free row; same data, seed and steps give the same losses."""
+    runs = {}
+    for name, extra in (("padded", []), ("packed", ["--packing"])):
+        out = tmp_path / name
+        args = common_args(tiny_model_dir, nlvr2_dir, out)
+        proc = run_script(SCRIPT, *args, "--eval_size", 0, "--deepspeed", "none", "--batch_size", 4,
+                          "--batch_size_per_gpu", 2, "--max_steps", 2, *extra, env={"OMP_NUM_THREADS": "1"})
+        expected = "packed rows" if extra else "padded batches"
+        assert f"micro batch 2 x accumulation 2 = batch 4 | fp32 | vision trained | {expected}" in proc.stdout
+        runs[name] = train_losses(out)
+    padded, packed = runs["padded"], runs["packed"]
+    assert len(padded) == len(packed) == 2
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    # The pairs differ in length (1 or 2 turns, images of two sizes): padding only without packing.
+    assert all(entry["padding_fraction"] > 0 for entry in padded)
+    assert all(entry["padding_fraction"] == 0 for entry in packed)
+    assert padded[1]["loss"] != padded[0]["loss"]  # the second step trained on updated weights
+
+
+def test_group_by_length_sampler_uses_preflight_lengths(tiny_model_dir, nlvr2_dir, tmp_path):
+    """--group_by_length: the Trainer's sampler groups by the lengths the preflight counted (image sizes +
+    token formula, no pixels), and those are the lengths the collator really builds."""
+    from transformers import AutoProcessor
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    module = load_script()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    samplers = {}
+    for grouped in (False, True):
+        argv = [*common_args(tiny_model_dir, nlvr2_dir, tmp_path / f"out{grouped}"), "--deepspeed", "none",
+                "--batch_size_per_gpu", 2, *(["--group_by_length"] if grouped else [])]
+        args = module.parse_args([str(a) for a in argv])
+        training_args = module.create_training_arguments(args, False, 1)
+        train_set, _ = module.prepare_datasets(args, training_args, processor.tokenizer)
+        trainer = module.make_trainer_class()(
+            model=module.create_model(args, False), args=training_args, train_dataset=train_set,
+            data_collator=module.NLVR2DataCollator(processor), processing_class=processor)
+        samplers[grouped] = trainer._get_train_sampler()
+    assert not isinstance(samplers[False], LengthGroupedSampler)
+    sampler = samplers[True]
+    assert isinstance(sampler, LengthGroupedSampler)
+    rows = list(train_set)
+    expected = [module.conversation_length(processor.tokenizer, row["texts"], [im.size for im in row["images"]], 1)
+                for row in rows]
+    assert list(sampler.lengths) == expected and len(set(expected)) > 1
+    # The sampler puts the longest sample in the first batch; the collator builds exactly that length.
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert int(batch["attention_mask"].sum(dim=1).max()) == max(expected)

@@ -294,7 +294,8 @@ def load_data(dataset_path: str | None, eval_size: int) -> tuple[Dataset, Datase
         raise SystemExit(f"{source}: {problem}; expected the {HUB_DATASET}/{HUB_CONFIG} schema: images (a list "
                          "of images) and texts (a list of {user, assistant} turns)")
     eval_size = min(eval_size, len(dataset))
-    return dataset.select(range(eval_size, len(dataset))), dataset.select(range(eval_size))
+    train = dataset.select(range(eval_size, len(dataset)) if eval_size < len(dataset) else [])
+    return train, dataset.select(range(eval_size))
 
 
 def first_turn(row: dict) -> tuple[str, str]:
@@ -382,6 +383,8 @@ def check_rows(dataset: Dataset, processor, max_length: int, workers: int = 0) -
     Deterministic, so every rank of a distributed run reaches the same verdict without talking to
     the others. Image decoding (the slow part) runs in `workers` processes if > 0.
     """
+    if len(dataset) == 0:
+        return []
     ranges = [(start, min(start + 64, len(dataset))) for start in range(0, len(dataset), 64)]
     if workers > 0 and len(ranges) > 1:
         # fork: the workers share the memory-mapped dataset instead of receiving pickled images.
@@ -413,22 +416,26 @@ def preflight(train_set: Dataset, eval_set: Dataset, num_held_out: int, processo
     by their row number in the dataset (the held-out rows come first) and the split they belong to.
     """
     report = Preflight(f"the dataset ({args.dataset_path or f'{HUB_DATASET}/{HUB_CONFIG}'})")
-    kept = {}
+    checked = {}
     for split, dataset, first_row in (("train", train_set, num_held_out), ("eval", eval_set, 0)):
         results = check_rows(dataset, processor, args.max_length, args.dataloader_num_workers)
         for i, (problems, _) in enumerate(results):
             for problem in problems:
                 report.add(f"row {first_row + i} ({split})", problem, key=(split, i))
-        kept[split] = results
+        checked[split] = results
     drop = report.finish(args.output_dir, args.skip_invalid, is_main)
     out = []
     for split, dataset in (("train", train_set), ("eval", eval_set)):
         keep = [i for i in range(len(dataset)) if (split, i) not in drop]
         out.append(dataset.select(keep) if len(keep) < len(dataset) else dataset)
-        out.append([kept[split][i][1] for i in keep])
+        out.append([checked[split][i][1] for i in keep])
+    num_train = len(train_set)
     train_set, train_lengths, eval_set, eval_lengths = out
     if len(train_set) == 0:
-        raise SystemExit("no valid training rows left: nothing to train on")
+        raise SystemExit(f"all {num_train} training rows are invalid (listed in "
+                         f"{os.path.join(args.output_dir, 'skipped_rows.jsonl')}): nothing to train on" if num_train else
+                         f"no training rows: the dataset has {num_held_out} rows and --eval_size holds out "
+                         f"{args.eval_size}")
     if is_main:
         print(f"preflight: {len(train_set)} training and {len(eval_set)} held-out rows valid, "
               f"tokens per sample max {max(train_lengths + eval_lengths, default=0)} (--max_length {args.max_length})")

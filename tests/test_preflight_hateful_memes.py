@@ -373,3 +373,17 @@ def test_check_rows_in_worker_processes(script, tiny_model_dir, tmp_path):
     serial = script.check_rows(dataset, processor, max_length=8192, workers=0)
     assert script.check_rows(dataset, processor, max_length=8192, workers=2) == serial
     assert [i for i, (problems, _) in enumerate(serial) if problems] == [3, 70]
+
+
+def test_nothing_left_to_train(script, tiny_model_dir, tmp_path):
+    """--skip_invalid that drops every training row, and a dataset held out entirely: a clear error."""
+    data = save_rows(with_defect(texts(assistant=""), bad_rows=range(EVAL_SIZE, 5), n=5), tmp_path / "data")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(a) for a in preflight_args(tiny_model_dir, data, out, "--skip_invalid")])
+    assert str(exit_info.value.code) == (f"all 3 training rows are invalid (listed in {out / 'skipped_rows.jsonl'}): "
+                                         "nothing to train on")
+    assert len((out / "skipped_rows.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(a) for a in preflight_args(tiny_model_dir, data, out, "--eval_size", 10, "--skip_invalid")])
+    assert str(exit_info.value.code) == "no training rows: the dataset has 5 rows and --eval_size holds out 10"

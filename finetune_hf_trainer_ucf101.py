@@ -30,6 +30,18 @@ Hardware suggestions (8 frames at --num_crops 4 are about 6,100 image tokens per
   * Consumer GPUs: `--use_lora` (add `--bf16` on Ampere or newer), or `--use_qlora` (Turing or newer).
   * CPU (no CUDA): runs in fp32 (or --bf16) with gloo; only useful for smoke tests with a tiny model.
 
+Before the model is loaded, every train and val line the run will use is checked (a "preflight"):
+malformed JSON (file and line number), a conversation that is not a list of {images, user,
+assistant} turns, empty user or assistant text, image tags written into the texts (the script writes
+the frames' tags itself), every frame file (missing, unreadable, truncated: each one is decoded), and
+the length against --max_length (from the frame headers and the token formula; image tokens are
+never truncated). Any problem stops the run with one report naming every bad line and its reason
+(also written to output_dir/invalid_rows.jsonl) and exit status 1; `--skip_invalid` drops those lines,
+lists them in output_dir/skipped_rows.jsonl and trains on the rest. An --output_dir that holds a
+finished run, or another run's checkpoints, is refused unless `--overwrite_output_dir` (nothing is
+deleted); `--resume_from_checkpoint latest` resumes from the newest complete checkpoint (one left
+half-written by a kill is skipped).
+
 Outputs in --output_dir: eval_before.json / eval_after.json (accuracy, confusion matrix, per-sample
 predictions), log_history.json (losses, learning rate, images_per_second, tokens_per_second),
 loss_curve.png (losses, and the learning rate on a second axis), confusion_matrix.png (after
@@ -42,6 +54,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import socket
@@ -49,8 +62,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+import phi3v  # registers Phi-3.5-vision with the Auto classes
+from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
@@ -98,18 +113,35 @@ def parse_args(argv=None):
     add("--wd", type=float, default=0.01, help="weight decay")
     add("--warmup_steps", type=int, default=50, help="linear warm-up steps")
     add("--output_dir", default="./output/", help="model, adapter, eval files, checkpoints")
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="allow an --output_dir that holds a finished run or another run's checkpoints (nothing is deleted; "
+        "this run's files are written over them)",
+    )
     add("--no-tqdm", dest="no_tqdm", action="store_true", help="no progress bars")
     add("--logging_steps", type=int, default=10, help="log loss and throughput every N steps")
     add("--save_steps", type=int, default=0, help="0: only the final save; > 0: resumable checkpoints every N steps")
     add("--save_total_limit", type=int, default=None, help="keep at most this many checkpoints")
-    add("--resume_from_checkpoint", default=None, help="checkpoint folder, or `latest` (newest in output_dir)")
+    add("--resume_from_checkpoint", default=None, help="checkpoint folder, or `latest` (the newest complete checkpoint-N in output_dir)")
     add("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps (on --max_eval_loss_samples)")
     add("--max_eval_loss_samples", type=int, default=32, help="val samples used for the held-out loss")
     add("--max_train_samples", type=int, default=None, help="use only the first N training samples")
     add("--max_eval_samples", type=int, default=None, help="evaluate accuracy on the first N val samples only")
     add("--eval_batch_size", type=int, default=None, help="generation batch per process (default: batch_size_per_gpu)")
     add("--max_new_tokens", type=int, default=64, help="generation length for the accuracy eval")
-    add("--max_length", type=int, default=8192, help="drop samples longer than this (image tokens included)")
+    add(
+        "--max_length",
+        type=int,
+        default=8192,
+        help="samples longer than this (image tokens included) are invalid (see --skip_invalid): never truncated",
+    )
+    add(
+        "--skip_invalid",
+        action="store_true",
+        help="drop the lines the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) and "
+        "train on the rest; default: stop before training with one report of all of them",
+    )
     add("--merge_lora", action="store_true", help="LoRA: also save a merged full model to output_dir/merged")
     add("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
     add("--seed", type=int, default=42, help="random seed")
@@ -162,6 +194,7 @@ def validate_args(parser, args):
             f"--data_dir {data_dir} lacks {', '.join(missing)}: expected the layout of convert_ucf101.py "
             f"(python convert_ucf101.py --out_dir {data_dir})"
         )
+    check_output_dir(parser, args)
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
     if args.deepspeed.lower() in ("", "none"):
@@ -170,6 +203,40 @@ def validate_args(parser, args):
         args.deepspeed = None  # as the original: LoRA/QLoRA train with plain DDP
     elif args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed config {args.deepspeed} not found")
+
+
+# Files that only a run that got to the end writes (the final model or adapter, its logs, its evaluation).
+FINISHED_RUN_FILES = ("eval_after.json", "log_history.json", "model.safetensors", "model.safetensors.index.json",
+                      "pytorch_model.bin", "adapter_model.safetensors", "adapter_config.json", "merged")  # fmt: skip
+
+
+def check_output_dir(parser, args):
+    """Never write over a finished run, nor start afresh over another run's checkpoints, by accident.
+
+    Resuming (--resume_from_checkpoint) an unfinished run in the same folder is what checkpoints are for.
+    """
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        return
+    finished = [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    if args.overwrite_output_dir:
+        if finished or checkpoints:
+            print(
+                f"--overwrite_output_dir: {output_dir} already holds {', '.join(finished + checkpoints)}; "
+                "files of this run will be written over them (nothing is deleted)"
+            )
+        return
+    if finished:
+        parser.error(
+            f"--output_dir {output_dir} already holds a finished run ({', '.join(finished)}); "
+            "choose another --output_dir, or pass --overwrite_output_dir to write over it"
+        )
+    if checkpoints and not args.resume_from_checkpoint:
+        parser.error(
+            f"--output_dir {output_dir} holds checkpoints of an unfinished run ({', '.join(checkpoints)}); "
+            "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over"
+        )
 
 
 def ensure_distributed_env():
@@ -190,19 +257,21 @@ def ensure_distributed_env():
 # =============================================================================================
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, limit: int | None, report) -> list[tuple[int, dict]]:
+    """(line number, record) of the first `limit` non-empty lines; malformed lines go to the report."""
     records = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            turns = record.get("conversations")
-            if not turns or any("user" not in t or "assistant" not in t for t in turns):
-                raise SystemExit(
-                    f"error: {path}:{line_no}: every line needs conversations: [{{images, user, assistant}}, ...]"
-                )
-            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.add(f"{path.name} line {line_no}", f"not valid JSON: {e}", key=(path.name, line_no))
+                record = None
+            records.append((line_no, record))
     return records
 
 
@@ -229,7 +298,8 @@ def encode_conversation(processor, turns: list[dict], image_dir: Path, include_l
     tokenizer = processor.tokenizer
     input_ids, labels, pixel_values, image_sizes = [], [], [], []
     for t, turn in enumerate(turns):
-        images = [Image.open(image_dir / rel).convert("RGB") for rel in turn.get("images") or []]
+        # load_image: the same decoding (modes, alpha, EXIF) as the preflight, which checked every frame.
+        images = [load_image(image_dir / rel) for rel in turn.get("images") or []]
         inputs = processor(text=turn_prompt(tokenizer, turn["user"], len(images)), images=images or None)
         prompt_ids = inputs["input_ids"][0].tolist()
         input_ids += prompt_ids
@@ -249,58 +319,142 @@ def encode_conversation(processor, turns: list[dict], image_dir: Path, include_l
     }
 
 
-def conversation_length(processor, turns: list[dict], image_dir: Path, num_crops: int) -> int:
-    """Length of `encode_conversation(...)["input_ids"]`, from the image headers only (no decoding)."""
-    import phi3v
-
+def conversation_length(processor, turns: list[dict], image_dir: Path, num_crops: int) -> tuple[int, int]:
+    """(tokens, image tokens) of `encode_conversation(...)["input_ids"]`, from the frame headers only."""
     tokenizer = processor.tokenizer
-    length = 0
+    length = image_tokens = 0
     for turn in turns:
         rels = turn.get("images") or []
         prompt = turn_prompt(tokenizer, turn["user"], len(rels))
         # The processor tokenizes the text between image tags chunk by chunk (each with its own <s>).
         length += sum(len(tokenizer(chunk).input_ids) for chunk in IMAGE_TAG.split(prompt))
         for rel in rels:
-            with Image.open(image_dir / rel) as image:
-                length += phi3v.num_image_tokens(image.width, image.height, num_crops)
+            image_tokens += phi3v.num_image_tokens(*image_size(image_dir / rel), num_crops)
         length += len(answer_ids(tokenizer, turn["assistant"]))
-    return length
+    return length + image_tokens, image_tokens
 
 
-def filter_by_length(records, processor, image_dir, num_crops, max_length, name, log):
-    """Drop samples longer than max_length (image tokens are never truncated); fail on missing frames."""
-    kept = []
-    for record in records:
-        try:
-            length = conversation_length(processor, record["conversations"], image_dir, num_crops)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {name} line {record.get('id')}: frame not found: {e.filename}") from None
-        if length <= max_length:
-            kept.append(record)
-    if len(kept) < len(records):
-        dropped = len(records) - len(kept)
-        log(f"{name}: dropped {dropped} of {len(records)} samples longer than --max_length {max_length}")
-    if not kept:
-        raise SystemExit(f"error: no {name} sample fits in --max_length {max_length} (try a smaller --num_crops)")
-    return kept
+def conversation_problems(record) -> list[str]:
+    """Why a jsonl record does not have the shape the collators expect (empty list: it does)."""
+    # Adapt: the shape of your own conversations.
+    if not isinstance(record, dict):
+        return [f"a line must be a JSON object, got {type(record).__name__}"]
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return ["'conversations' is missing or not a non-empty list of {images, user, assistant} turns"]
+    problems = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            problems.append(f"conversations[{t}] is not an object {{images, user, assistant}}")
+            continue
+        for role in ("user", "assistant"):
+            if not isinstance(turn.get(role), str) or not turn[role].strip():
+                problems.append(f"conversations[{t}]: empty or missing {role} text")
+        images = turn.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(rel, str) and rel for rel in images):
+            problems.append(f"conversations[{t}]: 'images' must be a list of frame paths (relative to images/)")
+            continue
+        if isinstance(turn.get("user"), str):
+            # The script writes the tags itself (turn_prompt): any tag in the text would be one too many.
+            tags = "".join(f"<|image_{i}|>" for i in range(1, len(images) + 1))
+            problem = image_tag_problem(f"{tags}\n{turn['user']}", len(images))
+            if problem:
+                problems.append(f"conversations[{t}]: user text has its own image tags: {problem}")
+        if isinstance(turn.get("assistant"), str) and IMAGE_TAG.search(turn["assistant"]):
+            problems.append(f"conversations[{t}]: assistant text has an image tag")
+    return problems
 
 
-def load_data(args, processor, log):
-    """Train records (all turns supervised) and val records (for the held-out loss and accuracy)."""
+def frame_problems(record: dict, image_dir: Path) -> list[str]:
+    """Every listed frame must decode completely (a truncated JPEG only shows when decoded)."""
+    problems = []
+    for turn in record["conversations"]:
+        for rel in turn.get("images") or []:
+            try:
+                load_image(image_dir / rel)
+            except InvalidSample as e:
+                problems.append(f"frame {rel}: {e}")
+    return problems
+
+
+def _frame_problems_chunk(records: list[dict], image_dir: Path) -> list[list[str]]:
+    return [frame_problems(record, image_dir) for record in records]
+
+
+def check_frames(records: list[dict], image_dir: Path, workers: int) -> list[list[str]]:
+    """frame_problems of every record; decoding (the slow part) in `workers` processes if > 1."""
+    chunks = [records[i : i + 32] for i in range(0, len(records), 32)]
+    if workers > 1 and len(chunks) > 1:
+        # fork (where there is one): no re-import of torch in every worker.
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        with context.Pool(min(workers, len(chunks))) as pool:
+            results = pool.starmap(_frame_problems_chunk, [(chunk, image_dir) for chunk in chunks])
+    else:
+        results = [_frame_problems_chunk(chunk, image_dir) for chunk in chunks]
+    return [problems for chunk in results for problems in chunk]
+
+
+def load_data(args, processor, is_main: bool, log):
+    """Train and val records, after a preflight check of every line the run will use.
+
+    Checked before the model is loaded: malformed JSON, the conversation shape, empty texts, image
+    tags in the texts, every frame (decoded completely) and the length against --max_length
+    (from the frame headers and the token formula: image tokens are never truncated). Any problem
+    stops the run with one report of all of them (every rank reaches the same verdict: the checks
+    are deterministic), or with --skip_invalid those lines are dropped and listed in
+    output_dir/skipped_rows.jsonl.
+    """
     data_dir = Path(args.data_dir)
     image_dir = data_dir / IMAGE_DIR
-    train = read_jsonl(data_dir / TRAIN_FILE)[: args.max_train_samples]
-    val = read_jsonl(data_dir / EVAL_FILE)
+    report = Preflight(f"{data_dir}")
+    # The val lines the run uses: accuracy on the first --max_eval_samples, held-out loss on the
+    # first --max_eval_loss_samples.
+    num_val = None
+    if args.max_eval_samples is not None:
+        num_val = max(args.max_eval_samples, args.max_eval_loss_samples if args.eval_steps > 0 else 0)
+    splits = {
+        TRAIN_FILE: read_jsonl(data_dir / TRAIN_FILE, args.max_train_samples, report),
+        EVAL_FILE: read_jsonl(data_dir / EVAL_FILE, num_val, report),
+    }
+    max_length = {}
+    for name, lines in splits.items():
+        shaped = []
+        for line_no, record in lines:
+            if record is None:
+                continue  # malformed JSON, already reported
+            where = f"{name} line {line_no}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record else "")
+            problems = conversation_problems(record)
+            for problem in problems:
+                report.add(where, problem, key=(name, line_no))
+            if not problems:
+                shaped.append((line_no, record, where))
+        frames = check_frames([record for _, record, _ in shaped], image_dir, args.dataloader_num_workers)
+        for (line_no, record, where), problems in zip(shaped, frames):
+            for problem in problems:
+                report.add(where, problem, key=(name, line_no))
+            if problems:
+                continue
+            length, image_tokens = conversation_length(processor, record["conversations"], image_dir, args.num_crops)
+            max_length[name] = max(max_length.get(name, 0), length)
+            if length > args.max_length:
+                report.add(
+                    where,
+                    f"{length} tokens ({image_tokens} of them image tokens) > --max_length {args.max_length}: "
+                    "raise --max_length, or lower --num_crops or the frames per clip",
+                    key=(name, line_no),
+                )
+    drop = report.finish(args.output_dir, args.skip_invalid, is_main)
+    train, val = ([r for line_no, r in splits[name] if r is not None and (name, line_no) not in drop]
+                  for name in (TRAIN_FILE, EVAL_FILE))  # fmt: skip
     if not train:
-        raise SystemExit(f"error: {data_dir / TRAIN_FILE} is empty")
-    train = filter_by_length(train, processor, image_dir, args.num_crops, args.max_length, TRAIN_FILE, log)
-    if val:
-        val = filter_by_length(val, processor, image_dir, args.num_crops, args.max_length, EVAL_FILE, log)
-    elif args.eval_steps > 0:
-        raise SystemExit(f"error: --eval_steps needs validation samples, but {data_dir / EVAL_FILE} is empty")
-    else:
-        log(f"{data_dir / EVAL_FILE} is empty: no accuracy evaluation")
-    log(f"data: {len(train)} train, {len(val)} val samples from {data_dir}")
+        raise SystemExit(f"error: no valid training sample in {data_dir / TRAIN_FILE}: nothing to train on")
+    if not val and args.eval_steps > 0:
+        raise SystemExit(f"error: --eval_steps needs validation samples, but {data_dir / EVAL_FILE} has none")
+    if not val:
+        log(f"{data_dir / EVAL_FILE} has no valid line: no accuracy evaluation")
+    longest = max(max_length.values(), default=0)
+    log(f"preflight: {len(train)} train, {len(val)} val samples valid in {data_dir}; "
+        f"longest {longest} tokens (--max_length {args.max_length})")  # fmt: skip
     return train, val
 
 
@@ -392,8 +546,6 @@ def precision(args):
 
 def create_model(args, training_args):
     from transformers import AutoModelForCausalLM
-
-    import phi3v  # registers Phi-3.5-vision with the Auto classes
 
     dtype, _, _ = precision(args)
     kwargs = {
@@ -560,10 +712,9 @@ def make_trainer_class():
 def resolve_checkpoint(args, log):
     if args.resume_from_checkpoint != "latest":
         return args.resume_from_checkpoint
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    log(f"resuming from {last}" if last else f"no checkpoint-* in {args.output_dir}: training from scratch")
+    # Skips (with a warning naming it) a checkpoint-N left half-written by a kill during saving.
+    last = phi3v.last_complete_checkpoint(args.output_dir)
+    log(f"resuming from {last}" if last else f"no complete checkpoint-* in {args.output_dir}: training from scratch")
     return last
 
 
@@ -706,8 +857,6 @@ def main(argv=None):
 
     from transformers import AutoProcessor, set_seed
 
-    import phi3v  # noqa: F401
-
     training_args = build_training_args(args)  # also sets up torch.distributed
     is_main = training_args.process_index == 0
 
@@ -721,7 +870,8 @@ def main(argv=None):
     # --- data
     with training_args.main_process_first(local=True):
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
-    train_records, val_records = load_data(args, processor, log)
+    # Before the model is loaded: bad data fails in seconds, on every rank alike.
+    train_records, val_records = load_data(args, processor, is_main, log)
     image_dir = Path(args.data_dir) / IMAGE_DIR
 
     # --- model

@@ -130,7 +130,8 @@ def test_prompt_format_and_collators(tiny_model_dir, data_dir):
     assert encoded["pixel_values"].shape == (8, 2, 3, 336, 336)
     assert encoded["image_sizes"].tolist() == [[336, 336]] * 8
     # --max_length counts exactly what the collator builds, without decoding pixels.
-    assert recipe.conversation_length(processor, multi["conversations"], image_dir, 1) == len(encoded["input_ids"])
+    assert recipe.conversation_length(processor, multi["conversations"], image_dir, 1) == (
+        len(encoded["input_ids"]), 8 * TOKENS_PER_FRAME)
 
     # Eval prompt: everything up to the last answer.
     eval_encoded = recipe.encode_conversation(processor, multi["conversations"], image_dir, include_last_answer=False)

@@ -417,7 +417,7 @@ def preflight(train_set: Dataset, eval_set: Dataset, num_held_out: int, processo
     """
     report = Preflight(f"the dataset ({args.dataset_path or f'{HUB_DATASET}/{HUB_CONFIG}'})")
     checked = {}
-    for split, dataset, first_row in (("train", train_set, num_held_out), ("eval", eval_set, 0)):
+    for split, dataset, first_row in (("eval", eval_set, 0), ("train", train_set, num_held_out)):
         results = check_rows(dataset, processor, args.max_length, args.dataloader_num_workers)
         for i, (problems, _) in enumerate(results):
             for problem in problems:

@@ -269,7 +269,7 @@ def test_bad_rows_stop_before_training(script, tiny_model_dir, tmp_path, capfd, 
         assert any(line.strip().startswith(f"{where}:") and reason in line for line in report.splitlines()), report
     listed = [json.loads(line) for line in (out / "invalid_rows.jsonl").read_text().splitlines()]
     assert [p["where"] for p in listed] == [f"row {i} ({'eval' if i < EVAL_SIZE else 'train'})"
-                                            for i in sorted(bad_rows, key=lambda i: (i < EVAL_SIZE, i))]
+                                            for i in sorted(bad_rows)]  # in dataset order
     assert all(reason in p["reason"] for p in listed)
     # Stopped before the model: no evaluation, no checkpoint, no history.
     assert sorted(p.name for p in out.iterdir()) == ["invalid_rows.jsonl"]
@@ -348,9 +348,9 @@ def test_skip_invalid_trains_on_the_rest(run_script, tiny_model_dir, tmp_path):
                       env=ONE_THREAD)
     skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert [(s["where"], s["reason"].split(":")[0]) for s in skipped] == [
-        ("row 4 (train)", "corrupt or truncated image"),
-        (f"row {len(rows) - 1} (train)", f"{skipped[1]['reason'].split(' ')[0]} tokens (313 of them image tokens) > --max_length 600"),
         ("row 1 (eval)", "empty or missing user text (texts[0]['user'])"),
+        ("row 4 (train)", "corrupt or truncated image"),
+        (f"row {len(rows) - 1} (train)", f"{skipped[2]['reason'].split(' ')[0]} tokens (313 of them image tokens) > --max_length 600"),
     ]
     assert f"preflight: {n} training and 1 held-out rows valid" in proc.stdout
     assert "Traceback" not in proc.stdout

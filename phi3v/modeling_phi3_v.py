@@ -29,7 +29,7 @@ Differences from the official remote code, none of which changes a number:
   fp32 logits of the whole sequence are never built) and is normalised by `num_items_in_batch`
   when the Trainer passes it, i.e. per token across gradient accumulation. `logits` is then None.
 * A training step on a batch without images still touches the vision tower (x0), so distributed
-  runs where only some ranks see images do not hang.
+  runs where only some ranks see images do not hang; under DeepSpeed ZeRO-3 every forward does.
 * Padding-free packing (`phi3v.pack_examples`): several samples in one row, `position_ids`
   restarting at each sample and no `attention_mask`. transformers' mask builders (sdpa, eager) keep
   attention inside each sample, and flash_attention_2 runs its varlen kernel with `cu_seqlens`
@@ -166,6 +166,17 @@ class Phi3VImageEmbedding(nn.Module):
         sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]])
         return self.image_tokens(dummy.expand(1, 2, -1, -1, -1), sizes).sum() * 0.0
 
+    def _anchor_needed(self) -> bool:
+        """Whether a batch without images must still run the vision tower (see `vision_anchor`).
+
+        In training with trainable vision weights, DDP and ZeRO-2 wait for a gradient of every one on
+        every rank. Under DeepSpeed ZeRO-3 (parameters carry `ds_id`) every rank must gather the same
+        parameters, with or without gradients, in training and in evaluation alike.
+        """
+        if hasattr(self.glb_GN, "ds_id"):
+            return True
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -177,8 +188,10 @@ class Phi3VImageEmbedding(nn.Module):
         hidden = embed_tokens(input_ids.clamp(min=0, max=embed_tokens.num_embeddings - 1))
         num_positions = int(is_image.sum())
         if num_positions == 0:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-                hidden = hidden + self.vision_anchor().to(hidden.dtype)
+            if self._anchor_needed():
+                # The same modules in the same order as with images (dropout included): ZeRO-3 checks
+                # that every rank calls the same modules.
+                return self.drop(hidden + self.vision_anchor().to(hidden.dtype))
             return hidden
         if pixel_values is None or image_sizes is None:
             raise ValueError(

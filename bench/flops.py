@@ -108,10 +108,10 @@ def batch_counts(batch_stats: dict, *, executed: bool, attn: str | None = None) 
     executed=False: the useful work (real tokens, each sample's own causal attention, supervised
     logits, real crops), the same for every configuration of the same samples; MFU uses it.
     executed=True: what the configuration computes: padding tokens, padding crops, full-vocabulary
-    logits, and attention as the backend runs it. flash_attention_2 (varlen) computes each
-    sample's causal block; sdpa skips the masked half only when it needs no mask (no padding, not
-    packed); eager and masked sdpa compute the whole L x L matrix of every row, twice the causal
-    count (a packed row's matrix spans all of its samples). `attn` overrides the backend the
+    logits, and attention as the backend runs it. flash_attention_2 (varlen) and sdpa on a packed
+    row (phi3v.packing runs it sample by sample) compute each sample's causal block; sdpa skips the
+    masked half only when it needs no mask; eager and padded sdpa compute the whole L x L matrix of
+    every row, twice the causal count (eager on a packed row: the matrix of all its samples). `attn` overrides the backend the
     batch ran with (the full-size architecture is counted as flash_attention_2 runs it).
     """
     lengths = batch_stats["lengths"]
@@ -122,8 +122,8 @@ def batch_counts(batch_stats: dict, *, executed: bool, attn: str | None = None) 
     rows = [sum(lengths)] if batch_stats["packed"] else [max(lengths)] * len(lengths)
     padded = not batch_stats["packed"] and min(lengths) != max(lengths)
     attn = attn or batch_stats["attn"]
-    if attn.startswith("flash_attention"):
-        length_squared = own
+    if attn.startswith("flash_attention") or (attn == "sdpa" and batch_stats["packed"]):
+        length_squared = own  # varlen kernel / phi3v's per-sample sdpa (phi3v.packing)
     elif attn == "eager" or batch_stats["packed"] or padded:
         length_squared = 2 * sum(n * n for n in rows)
     else:

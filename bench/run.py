@@ -12,7 +12,7 @@ flash_attention_2 when installed) it runs two configurations, each in a fresh pr
   slots (padding crops included), fp32 logits of the whole vocabulary at every position for the
   loss, generation one prompt at a time;
 * ours: micro-batches of --batch_size samples grouped by length (known from the image sizes, without
-  decoding pixels), packed into one padding-free row with flash_attention_2 (see --packing), CLIP on
+  decoding pixels), packed into one padding-free row with flash_attention_2 and sdpa (see --packing), CLIP on
   the real crops only, logits of the supervised positions only, batched left-padded generation.
 
 Then, for the first strategy and backend, each lever alone on top of the baseline (+batching,
@@ -70,9 +70,9 @@ def parse_args(argv=None):
     add("--warmup_steps", type=int, default=1, help="unmeasured micro-steps of `ours` (same rule)")
     add("--batch_size", type=int, help="samples per micro-batch for `ours` (default: 2 on CPU, 8 on GPU)")
     add("--packing", choices=["auto", "on", "off"], default="auto",
-        help="pack `ours` micro-batches into one padding-free row: auto = with flash_attention_2 only, the "
-             "backend that computes each packed sample's own causal block (sdpa and eager compute the "
-             "row's whole L x L matrix, so there length-grouped padded batches are cheaper)")
+        help="pack `ours` micro-batches into one padding-free row: auto = with flash_attention_2 and sdpa, "
+             "which compute each packed sample's own causal block (eager computes the row's whole masked "
+             "L x L matrix, so there length-grouped padded batches are cheaper)")
     add("--samples_per_update", type=int, default=8, help="samples per optimizer step (gradient accumulation)")
     add("--eval_samples", type=int, help="prompts generated for eval generations/s (default: 4 on CPU, 16 on GPU)")
     add("--eval_batch_size", type=int, help="prompts per batched generate call (default: all of them)")
@@ -136,7 +136,7 @@ def plan_runs(args) -> list[dict]:
     def add(label, strategy, attn, settings, eval_samples):
         settings = {**settings, "batch_size": settings["batch_size"] or args.batch_size}
         if settings["packed"] is None:
-            settings["packed"] = args.packing == "on" or (args.packing == "auto" and attn.startswith("flash_attention"))
+            settings["packed"] = args.packing == "on" or (args.packing == "auto" and attn != "eager")
         runs.append({**common, **settings, "label": label, "strategy": strategy, "attn": attn,
                      "eval_samples": eval_samples, "name": f"{args.workload}-{strategy}-{attn}-{label}"})
 
@@ -294,12 +294,12 @@ def markdown(meta: dict, results: list[dict], preprocess: list[dict] | None) -> 
                        "peak GiB/sample", "TFLOP/sample executed", "TFLOP/sample removed",
                        f"work x baseline ({meta['model_size']}, {first['attn']})"], rows), "",
                 "Batching and packing remove no FLOPs: they exist to keep a GPU busy (batching adds the padding of "
-                "length-grouped rows; a packed row has none, and flash_attention_2 computes each sample's own causal "
-                "block, so packing executes exactly the baseline's work). The last column is this run's own executed "
-                "work: sdpa with a mask (padded rows, packed rows) computes the whole L x L score matrix of a row "
-                "instead of its causal half, and a packed row's matrix spans all of its samples (n samples: about "
-                "2n x the causal attention of each). At the mid size attention is a large share of the work, which "
-                "is why +batching and +packing cost CPU time here; that is inherent to the masked sdpa path.", ""]
+                "length-grouped rows; a packed row has none, and flash_attention_2 and phi3v's sdpa compute each "
+                "sample's own causal block, so packing executes exactly the baseline's work). The last column is this "
+                "run's own executed work: sdpa with a mask (padded rows) and eager compute the whole L x L score "
+                "matrix of a row instead of its causal half (eager on a packed row: the whole matrix of all its "
+                "samples). At the mid size attention is a large share of the work, which is why +batching costs CPU "
+                "time here; that is inherent to the masked path.", ""]
     if preprocess:
         rows = [[p["image"], p["num_crops"], p["plain_ms"], p["phi3v_ms"], p["phi3v_img_per_s_per_core"],
                  p["speedup_per_core"], p["resize_ms"], p["speedup_bound_exact_resize"], p["png_decode_ms"],

@@ -149,3 +149,35 @@ def test_flops_model_matches_the_published_parameter_counts():
     executed = arch.step_flops("full", **batch_counts(stats, executed=True))
     assert executed > useful  # padding, padding crops, full-vocabulary logits, masked attention
     assert batch_counts({**stats, "attn": "flash_attention_2"}, executed=True)["length_squared"] == 2000**2 + 2400**2
+
+
+def test_packed_sdpa_runs_each_sample_alone_and_matches_the_masked_path(tiny_model_dir, monkeypatch):
+    """The bench's packed rows (sdpa): attention per sample, no L x L mask, the loss of eager's masked row."""
+    import phi3v.packing
+
+    torch.manual_seed(0)
+    lengths = [37, 5, 60]
+    examples = [{"input_ids": torch.randint(0, 32000, (n,)), "labels": torch.randint(0, 32000, (n,))} for n in lengths]
+    packed = phi3v.pack_examples(examples)
+    assert packed["cu_seq_lens_q"].tolist() == [0, 37, 42, 102]
+    calls = []
+    original = phi3v.packing.sdpa_attention_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        calls.append((query.shape[2], attention_mask is None))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(phi3v.packing, "sdpa_attention_forward", recording)
+    losses = {}
+    for attn in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).train()
+        losses[attn] = model(**packed).loss
+    decoder_calls = [c for c in calls if c[0] != 577]  # CLIP's anchor pass on 577 positions, untouched
+    assert decoder_calls == [(n, True) for _ in range(model.config.num_hidden_layers) for n in lengths]
+    torch.testing.assert_close(losses["sdpa"], losses["eager"], rtol=1e-5, atol=1e-6)
+    calls.clear()  # without cu_seq_lens (a padded batch) it is transformers' sdpa, mask and all
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    attention_mask = torch.tensor([[1] * n + [0] * (60 - n) for n in lengths])
+    model(input_ids=torch.stack([torch.nn.functional.pad(e["input_ids"], (0, 60 - len(e["input_ids"])))
+                                 for e in examples]), attention_mask=attention_mask)
+    assert {c for c in calls if c[0] != 577} == {(60, False)}

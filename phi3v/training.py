@@ -1,6 +1,13 @@
-"""Small helpers the recipes share for setting up training (LoRA targets, 4-bit on CPU)."""
+"""Small helpers the recipes share for setting up training (LoRA targets, 4-bit on CPU, resuming)."""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+import zipfile
+from glob import glob
 
 from torch import nn
 
@@ -54,19 +61,52 @@ def fix_4bit_cpu_gradients(model: nn.Module) -> int:
     return changed
 
 
+# What a resumable checkpoint holds besides trainer_state.json (one name of each group is enough).
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                      "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def checkpoint_problem(folder) -> str | None:
+    """Why `folder` (a Trainer checkpoint-N) cannot be resumed from exactly, or None if it can.
+
+    The Trainer saves, in this order: the weights, the optimizer and scheduler (DeepSpeed: one
+    optimizer file per rank, then a barrier), each rank's RNG state, and last `trainer_state.json`
+    (rank 0, without waiting for the other ranks' RNG files). A kill can stop it anywhere. Only
+    cheap checks: `torch.save` writes zip archives, whose directory comes last, so a cut-off .pt/.pth
+    fails to open as a zip without reading the data.
+    """
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    deepspeed_optimizer = glob(os.path.join(folder, "global_step*", "*optim_states.pt"))
+    deepspeed_model = glob(os.path.join(folder, "global_step*", "*model_states.pt"))  # ZeRO-3 without gathering
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in CHECKPOINT_WEIGHTS) and not deepspeed_model:
+        return "no model or adapter weights"
+    if not deepspeed_optimizer and not os.path.isfile(os.path.join(folder, "optimizer.pt")):
+        return "no optimizer state"
+    names = os.listdir(folder)
+    ranks = sorted(int(m.group(1)) for m in (re.fullmatch(r"rng_state_(\d+)\.pth", n) for n in names) if m)
+    if not ranks and "rng_state.pth" not in names:
+        return "no rng_state.pth"
+    # Several processes write rng_state_0..N-1 (N >= 2); with DeepSpeed, N is the number of optimizer files.
+    if ranks and ranks != list(range(max(ranks[-1] + 1, 2, len(deepspeed_optimizer)))):
+        return f"RNG state files of ranks {ranks} only"
+    for name in names:
+        if name.endswith((".pt", ".pth")) and not zipfile.is_zipfile(os.path.join(folder, name)):
+            return f"{name} is cut off"
+    return None
+
+
 def last_complete_checkpoint(output_dir) -> str | None:
     """The newest `checkpoint-N` folder in `output_dir` that was written to the end, or None.
 
-    transformers' Trainer writes `trainer_state.json` last when it saves a checkpoint, so a run
-    killed while saving leaves a folder without it (or with a cut-off file). `get_last_checkpoint`
-    would pick that folder and the resume would fail or silently start from broken state; this
-    skips it and warns.
+    A run killed while saving leaves a newest folder that is incomplete (see `checkpoint_problem`);
+    transformers' `get_last_checkpoint` would pick it and the resume would fail, or silently
+    continue without the optimizer or RNG state. This skips such folders, with a warning naming
+    each. A rank count that changed between runs is not detected (the Trainer warns itself).
     """
-    import json
-    import os
-    import re
-    import warnings
-
     if not os.path.isdir(output_dir):
         return None
     steps = []
@@ -76,12 +116,9 @@ def last_complete_checkpoint(output_dir) -> str | None:
             steps.append((int(match.group(1)), name))
     for _, name in sorted(steps, reverse=True):
         folder = os.path.join(output_dir, name)
-        try:
-            with open(os.path.join(folder, "trainer_state.json")) as f:
-                json.load(f)
-        except (OSError, ValueError):
-            warnings.warn(f"{folder} is incomplete (no readable trainer_state.json; the run was probably "
-                          "killed while saving it): skipped for resuming", stacklevel=2)
-            continue
-        return folder
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"{folder} is incomplete ({problem}; the run was probably killed while saving it): "
+                      "skipped for resuming", stacklevel=2)
     return None

@@ -65,80 +65,82 @@ def turn(record: dict) -> dict:
     return record["conversations"][0]
 
 
-# Each case: (id, how to spoil a good dataset (root, train, val) -> extra args, expected report line).
-def spoil_json(root, train, val):
-    train[1] = '{"id": "train-0000000001", "conversations": [ oops'
+# Each case: (id, how to spoil line i of a good train set (or val line 1) -> extra args, the report line).
+# In the report line, {where} is "ucf101_train.jsonl line {i + 1} (id train-{i})" and {frame} the
+# first frame of that clip.
+def spoil_json(root, train, val, i):
+    train[i] = '{"id": "train-%010d", "conversations": [ oops' % i
 
 
-def spoil_no_conversations(root, train, val):
-    del train[1]["conversations"]
+def spoil_no_conversations(root, train, val, i):
+    del train[i]["conversations"]
 
 
-def spoil_turn_shape(root, train, val):
-    train[1]["conversations"] = ["Archery"]
+def spoil_turn_shape(root, train, val, i):
+    train[i]["conversations"] = ["Archery"]
 
 
-def spoil_empty_user(root, train, val):
-    turn(train[1])["user"] = "  "
+def spoil_empty_user(root, train, val, i):
+    turn(train[i])["user"] = "  "
 
 
-def spoil_missing_assistant(root, train, val):
+def spoil_missing_assistant(root, train, val, i):
     del turn(val[0])["assistant"]
 
 
-def spoil_image_tag(root, train, val):
-    turn(train[1])["user"] = "<|image_1|> " + PROMPT
+def spoil_image_tag(root, train, val, i):
+    turn(train[i])["user"] = "<|image_1|> " + PROMPT
 
 
-def spoil_images_not_list(root, train, val):
-    turn(train[1])["images"] = "train/Archery/v_Archery_g01_c01.0.jpg"
+def spoil_images_not_list(root, train, val, i):
+    turn(train[i])["images"] = turn(train[i])["images"][0]
 
 
-def spoil_missing_frame(root, train, val):
-    first_frame(root, train[1]).unlink()
+def spoil_missing_frame(root, train, val, i):
+    first_frame(root, train[i]).unlink()
 
 
-def spoil_truncated_frame(root, train, val):
-    truncate(first_frame(root, train[1]))
+def spoil_truncated_frame(root, train, val, i):
+    truncate(first_frame(root, train[i]))
 
 
-def spoil_not_an_image(root, train, val):
-    first_frame(root, train[1]).write_text("not a picture")
+def spoil_not_an_image(root, train, val, i):
+    first_frame(root, train[i]).write_text("not a picture")
 
 
-def spoil_too_long(root, train, val):
-    train[1] = clip(root, "train", 1, num_frames=3)  # 3 x 313 image tokens; the others have 2 x 313
+def spoil_too_long(root, train, val, i):
+    train[i] = clip(root, "train", i, num_frames=3)  # 3 x 313 image tokens; the others have 2 x 313
     return ["--max_length", 800]
 
 
 BAD_DATA = [
-    ("malformed_json", spoil_json, "ucf101_train.jsonl line 2: not valid JSON"),
-    ("no_conversations", spoil_no_conversations,
-     "ucf101_train.jsonl line 2 (id train-0000000001): 'conversations' is missing"),
-    ("turn_not_object", spoil_turn_shape, "ucf101_train.jsonl line 2 (id train-0000000001): conversations[0] is not an object"),
-    ("empty_user", spoil_empty_user, "ucf101_train.jsonl line 2 (id train-0000000001): conversations[0]: empty or missing user text"),
+    ("malformed_json", spoil_json, "ucf101_train.jsonl line {line}: not valid JSON"),
+    ("no_conversations", spoil_no_conversations, "{where}: 'conversations' is missing"),
+    ("turn_not_object", spoil_turn_shape, "{where}: conversations[0] is not an object"),
+    ("empty_user", spoil_empty_user, "{where}: conversations[0]: empty or missing user text"),
     ("missing_assistant", spoil_missing_assistant,
      "ucf101_val.jsonl line 1 (id val-0000000010): conversations[0]: empty or missing assistant text"),
-    ("image_tag_in_text", spoil_image_tag,
-     "ucf101_train.jsonl line 2 (id train-0000000001): conversations[0]: user text has its own image tags"),
-    ("images_not_list", spoil_images_not_list,
-     "ucf101_train.jsonl line 2 (id train-0000000001): conversations[0]: 'images' must be a list of frame paths"),
-    ("missing_frame", spoil_missing_frame,
-     "ucf101_train.jsonl line 2 (id train-0000000001): frame train/BabyCrawling/v_BabyCrawling_g01_c01.0.jpg: image file not found"),
-    ("truncated_frame", spoil_truncated_frame,
-     "ucf101_train.jsonl line 2 (id train-0000000001): frame train/BabyCrawling/v_BabyCrawling_g01_c01.0.jpg: corrupt or truncated image"),
-    ("not_an_image", spoil_not_an_image,
-     "ucf101_train.jsonl line 2 (id train-0000000001): frame train/BabyCrawling/v_BabyCrawling_g01_c01.0.jpg: not an image"),
-    ("too_long", spoil_too_long,
-     "ucf101_train.jsonl line 2 (id train-0000000001): 9"),  # "9xx tokens (939 of them image tokens) > --max_length 800"
+    ("image_tag_in_text", spoil_image_tag, "{where}: conversations[0]: user text has its own image tags"),
+    ("images_not_list", spoil_images_not_list, "{where}: conversations[0]: 'images' must be a list of frame paths"),
+    ("missing_frame", spoil_missing_frame, "{where}: frame {frame}: image file not found"),
+    ("truncated_frame", spoil_truncated_frame, "{where}: frame {frame}: corrupt or truncated image"),
+    ("not_an_image", spoil_not_an_image, "{where}: frame {frame}: not an image"),
+    ("too_long", spoil_too_long, "{where}: 9"),  # "9xx tokens (939 of them image tokens) > --max_length 800"
 ]  # fmt: skip
+
+
+def report_line(template: str, train: list, i: int) -> str:
+    """The expected report line for a defect on train line i+1 (call before spoiling: names its frame)."""
+    return template.format(line=i + 1, where=f"ucf101_train.jsonl line {i + 1} (id train-{i:010d})",
+                           frame=turn(train[i])["images"][0])  # fmt: skip
 
 
 def run_args(tiny_model_dir, data_dir, output_dir, *extra):
     return [
         "--model_name_or_path", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output_dir,
         "--num_crops", 1, "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 1,
-        "--max_new_tokens", 2, "--dataloader_num_workers", 0, "--deepspeed", "none", "--no-tqdm", *extra,
+        "--max_new_tokens", 2, "--logging_steps", 1, "--dataloader_num_workers", 0, "--deepspeed", "none", "--no-tqdm",
+        *extra,
     ]  # fmt: skip
 
 
@@ -148,23 +150,46 @@ def assert_not_trained(output_dir: Path):
 
 
 @pytest.mark.parametrize("spoil, message", [case[1:] for case in BAD_DATA], ids=[case[0] for case in BAD_DATA])
-def test_bad_data_stops_before_training(spoil, message, tiny_model_dir, tmp_path, run_script):
+def test_bad_data_stops_before_training(spoil, message, tiny_model_dir, tmp_path, capsys):
+    """One defect per case, through the script's main() in this process (no interpreter start per case)."""
     root = tmp_path / "ucf101"
     train, val = good_dataset(root)
-    extra = spoil(root, train, val) or []
+    message = report_line(message, train, 1)
+    extra = spoil(root, train, val, 1) or []
+    write_dataset(root, train, val)
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([str(a) for a in run_args(tiny_model_dir, root, output_dir, *extra)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 invalid row(s)" in err and f"  {message}" in err, err
+    assert "--skip_invalid" in err
+    if spoil is spoil_too_long:
+        assert "(939 of them image tokens) > --max_length 800" in err
+    invalid = [json.loads(line) for line in (output_dir / "invalid_rows.jsonl").read_text().splitlines()]
+    assert len(invalid) == 1 and message.startswith(invalid[0]["where"])
+    assert_not_trained(output_dir)
+
+
+def test_all_bad_lines_in_one_report(tiny_model_dir, tmp_path, run_script):
+    """The real script on every defect at once (train line i+1 has defect i): one report naming all of
+    them, exit 1, no traceback, stopped before the model was loaded."""
+    root = tmp_path / "ucf101"
+    train, val = good_dataset(root, num_train=len(BAD_DATA) + 1)
+    messages, extra = [], []
+    for i, (_, spoil, template) in enumerate(BAD_DATA, 1):
+        messages.append(report_line(template, train, i))
+        extra += spoil(root, train, val, i) or []
     write_dataset(root, train, val)
     output_dir = tmp_path / "out"
     proc = run_script(SCRIPT, *run_args(tiny_model_dir, root, output_dir, *extra), check=False)
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
-    assert "1 invalid row(s)" in proc.stdout and f"  {message}" in proc.stdout, proc.stdout[-3000:]
-    assert "--skip_invalid" in proc.stdout
-    if spoil is spoil_too_long:
-        assert "(939 of them image tokens) > --max_length 800" in proc.stdout
-    invalid = [json.loads(line) for line in (output_dir / "invalid_rows.jsonl").read_text().splitlines()]
-    assert len(invalid) == 1 and message.startswith(invalid[0]["where"])
-    assert_not_trained(output_dir)
+    assert f"{len(BAD_DATA)} invalid row(s)" in proc.stdout, proc.stdout[-3000:]
+    for message in messages:
+        assert f"  {message}" in proc.stdout, (message, proc.stdout[-3000:])
     assert "Loading weights" not in proc.stdout  # stopped before the model was loaded
+    assert_not_trained(output_dir)
 
 
 def unusual_frames(root: Path) -> list[str]:
@@ -210,7 +235,7 @@ def test_skip_invalid(tiny_model_dir, tmp_path, run_script):
     """--skip_invalid: trains on the good lines and lists exactly the bad ones (all of them, one report)."""
     root = tmp_path / "ucf101"
     train, val = good_dataset(root, num_train=5, num_val=2)
-    spoil_json(root, train, val)  # line 2
+    spoil_json(root, train, val, 1)  # line 2
     first_frame(root, train[3]).unlink()  # line 4
     turn(val[1])["user"] = ""  # val line 2
     write_dataset(root, train, val)
@@ -229,14 +254,15 @@ def test_skip_invalid(tiny_model_dir, tmp_path, run_script):
     assert (output_dir / "log_history.json").exists()
 
 
-def test_nothing_valid_left(tiny_model_dir, tmp_path, run_script):
+def test_nothing_valid_left(tiny_model_dir, tmp_path):
     root = tmp_path / "ucf101"
     train, val = good_dataset(root, num_train=1, num_val=1)
     turn(train[0])["assistant"] = ""
     write_dataset(root, train, val)
-    proc = run_script(SCRIPT, *run_args(tiny_model_dir, root, tmp_path / "out", "--skip_invalid"), check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stdout
-    assert "no valid training sample in" in proc.stdout and "nothing to train on" in proc.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([str(a) for a in run_args(tiny_model_dir, root, tmp_path / "out", "--skip_invalid")])
+    assert f"error: no valid training sample in {root / 'ucf101_train.jsonl'}: nothing to train on" == exit_info.value.code
+    assert_not_trained(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Covers: the collator (labels, right padding, batch of 3, length count for --max_
 accuracy/AUROC metric (and the one-class case), the confusion matrix and the plots (loss curve with
 held-out loss and learning rate), loading a parquet copy, argument validation,
 full fine-tuning with DeepSpeed ZeRO-2 under torchrun (2 processes), and LoRA with
---batch_size_per_gpu 2, intermediate checkpoints, an exact resume, --eval_steps and --merge_lora.
+--batch_size_per_gpu 2, intermediate checkpoints, an exact resume, --eval_steps and --merge_lora;
+--packing (the same losses as padded batches) and --group_by_length (the Trainer's sampler gets the
+token-count formula lengths). Bad data and bad arguments: tests/test_preflight_hateful_memes.py.
 """
 
 from __future__ import annotations

@@ -41,10 +41,9 @@ def wait_for(path: Path, proc: subprocess.Popen, log_path: Path, timeout: float,
         time.sleep(poll)
 
 
-def run(cmd: list, env: dict, log_path: Path, timeout: float, cwd=None) -> str:
-    """Run to the end; the output. A non-zero exit fails; so does running past `timeout` (a hang),
-    after the whole process group is killed."""
-    proc = start(cmd, env, log_path, cwd=cwd)
+def finish(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
+    """Wait for a started run; its output. A non-zero exit fails; so does running past `timeout` (a
+    hang), after the whole process group is killed."""
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -52,5 +51,10 @@ def run(cmd: list, env: dict, log_path: Path, timeout: float, cwd=None) -> str:
         raise AssertionError(f"still running after {timeout} s (hang?), killed:\n{log_path.read_text()[-6000:]}")
     output = log_path.read_text()
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{output[-8000:]}")
+        raise AssertionError(f"{' '.join(map(str, proc.args))} exited {proc.returncode}:\n{output[-8000:]}")
     return output
+
+
+def run(cmd: list, env: dict, log_path: Path, timeout: float, cwd=None) -> str:
+    """`start` and `finish`."""
+    return finish(start(cmd, env, log_path, cwd=cwd), log_path, timeout)

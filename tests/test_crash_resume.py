@@ -67,24 +67,30 @@ def break_copies(output_dir: Path, complete: Path):
 def test_sigkill_and_resume_matches_uninterrupted_run(mode, tiny_model_dir, memes_dir, tmp_path):
     env = script_env({"OMP_NUM_THREADS": "1"})
 
-    # A: NUM_STEPS steps, never interrupted.
+    # A: NUM_STEPS steps, never interrupted (side by side with B: one thread each).
     reference = tmp_path / "reference"
-    process_group.run(script_args(tiny_model_dir, memes_dir, reference, mode), env, tmp_path / "reference.log",
-                      timeout=600, cwd=REPO)
+    reference_log = tmp_path / "reference.log"
+    reference_run = process_group.start(script_args(tiny_model_dir, memes_dir, reference, mode), env, reference_log,
+                                        cwd=REPO)
 
-    # B: the same run, SIGKILLed (whole process group) the moment checkpoint-KILL_AT appears.
-    out = tmp_path / "killed"
-    log = tmp_path / "killed.log"
-    proc = process_group.start(script_args(tiny_model_dir, memes_dir, out, mode), env, log, cwd=REPO)
-    process_group.wait_for(out / f"checkpoint-{KILL_AT}", proc, log, timeout=600)
-    process_group.kill_group(proc)
-    assert not (out / "log_history.json").exists() and not (out / f"checkpoint-{NUM_STEPS}").exists(), \
-        "the kill must land in the middle of training"
-    newest_complete = phi3v.last_complete_checkpoint(out)
-    assert newest_complete is not None
-    resumed_step = int(Path(newest_complete).name.split("-")[1])
-    assert 1 <= resumed_step <= KILL_AT
-    break_copies(out, Path(newest_complete))
+    try:
+        # B: the same run, SIGKILLed (whole process group) the moment checkpoint-KILL_AT appears.
+        out = tmp_path / "killed"
+        log = tmp_path / "killed.log"
+        proc = process_group.start(script_args(tiny_model_dir, memes_dir, out, mode), env, log, cwd=REPO)
+        process_group.wait_for(out / f"checkpoint-{KILL_AT}", proc, log, timeout=600)
+        process_group.kill_group(proc)
+        assert not (out / "log_history.json").exists() and not (out / f"checkpoint-{NUM_STEPS}").exists(), \
+            "the kill must land in the middle of training"
+        newest_complete = phi3v.last_complete_checkpoint(out)
+        assert newest_complete is not None
+        resumed_step = int(Path(newest_complete).name.split("-")[1])
+        assert 1 <= resumed_step <= KILL_AT
+        break_copies(out, Path(newest_complete))
+        process_group.finish(reference_run, reference_log, timeout=600)
+    finally:
+        if reference_run.poll() is None:  # B failed: do not leave A running
+            process_group.kill_group(reference_run)
 
     # Resume B with "latest": must continue from the newest complete checkpoint and end as A.
     output = process_group.run(

@@ -143,10 +143,11 @@ def parse_args(argv=None):
                         help="train without the rows that fail the preflight checks (listed in "
                              "output_dir/skipped_rows.jsonl) instead of stopping with a report")
     parser.add_argument("--packing", action="store_true",
-                        help="pack each micro batch (--batch_size_per_gpu samples) into one row without padding: "
-                             "no compute spent on padding tokens (flash-attn varlen kernels on GPU; on CPU sdpa "
-                             "builds a block-diagonal mask, whose cost grows with the square of the packed length); "
-                             "same loss as the padded batch; training only, evaluation stays batched and padded")
+                        help="pack each micro batch (--batch_size_per_gpu samples) into one row without padding "
+                             "(positions restart per sample, no attention across samples): no compute spent on "
+                             "padding, the more so the more the lengths differ; flash-attn runs its varlen kernel "
+                             "on GPU, sdpa/eager keep attention inside each sample on CPU. Same loss as the padded "
+                             "batch. Training (and --eval_steps loss) only: generation stays batched and padded")
     parser.add_argument("--group_by_length", action="store_true",
                         help="draw micro batches of similar length (tokens counted from the image sizes, without "
                              "decoding): less padding, at the price of a less random order")

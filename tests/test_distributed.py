@@ -41,16 +41,26 @@ def test_two_processes_match_one(run_script, tiny_model_dir, memes_dir, tmp_path
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_path", memes_dir, "--eval_size", 0,
             "--dataloader_num_workers", 0, "--num_crops", 1, "--batch_size", 2, "--batch_size_per_gpu", 1,
             "--max_steps", 3, "--warmup_steps", 0, "--logging_steps", 1, "--learning_rate", 1e-3, "--no-tqdm"]
-    one = tmp_path / "one_process"
-    proc = run_script(SCRIPT, *args, "--output_dir", one, "--deepspeed", "none", env={"OMP_NUM_THREADS": "1"})
-    assert "world size 1, batch 2 = 1 per GPU x 1 x 2 accumulation" in proc.stdout
+    # The one-process run (one thread) goes side by side with the first two-process run.
+    one, one_log = tmp_path / "one_process", tmp_path / "one_process.log"
+    one_run = process_group.start([sys.executable, REPO / SCRIPT, *args, "--output_dir", one, "--deepspeed", "none"],
+                                  script_env({"OMP_NUM_THREADS": "1"}), one_log, cwd=REPO)
+    try:
+        ddp = run_script(SCRIPT, *args, "--output_dir", tmp_path / "ddp", "--deepspeed", "none", nproc=2,
+                         timeout=HANG_TIMEOUT)
+        output = process_group.finish(one_run, one_log, timeout=HANG_TIMEOUT)
+    finally:
+        if one_run.poll() is None:
+            process_group.kill_group(one_run)
+    assert "world size 1, batch 2 = 1 per GPU x 1 x 2 accumulation" in output
     expected = logged(one)
     expected_weights = load_file(one / "model.safetensors")
     initial = load_file(tiny_model_dir / "model.safetensors")
 
-    for name, extra, banner in [("ddp", ["--deepspeed", "none"], "DeepSpeed off"), ("zero2", [], "DeepSpeed on")]:
+    zero2 = run_script(SCRIPT, *args, "--output_dir", tmp_path / "zero2", nproc=2, timeout=HANG_TIMEOUT)  # the default
+
+    for name, proc, banner in [("ddp", ddp, "DeepSpeed off"), ("zero2", zero2, "DeepSpeed on")]:
         out = tmp_path / name
-        proc = run_script(SCRIPT, *args, "--output_dir", out, *extra, nproc=2, timeout=HANG_TIMEOUT)
         assert f"full fine-tuning, {banner}, world size 2, batch 2 = 1 per GPU x 2 x 1 accumulation" in proc.stdout
         got = logged(out)
         assert list(got) == list(expected) == [1, 2, 3]

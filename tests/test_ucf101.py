@@ -327,3 +327,78 @@ def test_flash_attention_checks(data_dir, capsys, monkeypatch):
     assert "--use_flash_attention needs --bf16" in capsys.readouterr().err
     args = recipe.parse_args(["--data_dir", str(data_dir), "--use_flash_attention", "--bf16", "--use_qlora"])
     assert args.use_lora and args.deepspeed is None  # QLoRA implies LoRA, never DeepSpeed
+
+
+# ---------------------------------------------------------------------------------------------
+# --packing and --group_by_length
+# ---------------------------------------------------------------------------------------------
+
+
+def test_packing_same_losses(tiny_model_dir, data_dir, tmp_path, run_script):
+    """Packed micro-batches (one row, no padding) train exactly like padded ones: same losses.
+
+    Micro-batches of 2 clips, one of them with a second, text-only turn: the padded rows differ in
+    length, so padding and the attention mask matter."""
+    histories = []
+    for packing in ([], ["--packing"]):
+        output_dir = tmp_path / f"out{len(packing)}"
+        run_script(
+            SCRIPT, *common_args(tiny_model_dir, data_dir, output_dir), "--max_eval_samples", 0,
+            "--max_steps", 2, "--batch_size", 2, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3",
+            "--deepspeed", "none", *packing,
+        )  # fmt: skip
+        history = json.loads((output_dir / "log_history.json").read_text())
+        histories.append([h["loss"] for h in history if "loss" in h])
+    padded, packed = histories
+    assert len(padded) == 2  # step 2: after one update from the packed gradients
+    assert packed == pytest.approx(padded, rel=1e-4)
+
+    # What the --packing collator builds: one row, no padding, positions restarting per clip.
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    single, multi = records(data_dir, "train")[:2]
+    image_dir = data_dir / "images"
+    rows = [recipe.encode_conversation(processor, r["conversations"], image_dir) for r in (multi, single)]
+    batch = recipe.TrainCollator(processor, image_dir, packing=True)([multi, single])
+    n0, n1 = (len(r["input_ids"]) for r in rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, n0 + n1)
+    assert batch["input_ids"][0].tolist() == rows[0]["input_ids"] + rows[1]["input_ids"]
+    assert batch["position_ids"][0].tolist() == list(range(n0)) + list(range(n1))
+    assert batch["pixel_values"].shape[0] == 16
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_group_by_length_sampler(group_by_length, tiny_model_dir, data_dir, tmp_path):
+    """--group_by_length: the train sampler groups by the preflight's formula lengths; without it,
+    plain random order."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    argv = ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--model_name_or_path",
+            str(tiny_model_dir), "--num_crops", "1", "--batch_size", "2", "--batch_size_per_gpu", "2",
+            "--deepspeed", "none", "--dataloader_num_workers", "0"] + (["--group_by_length"] if group_by_length else [])  # fmt: skip
+    args = recipe.parse_args(argv)
+    training_args = recipe.build_training_args(args)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    train, _, lengths = recipe.load_data(args, processor, True, print)
+    expected = [recipe.conversation_length(processor, r["conversations"], data_dir / "images", 1)[0] for r in train]
+    assert lengths == expected and len(set(lengths)) > 1  # the multi-turn clip is longer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = recipe.make_trainer_class()(
+        model=model, args=training_args, train_dataset=recipe.RecordDataset(train, lengths),
+        data_collator=recipe.TrainCollator(processor, data_dir / "images"),
+    )  # fmt: skip
+    sampler = trainer._get_train_sampler()
+    if not group_by_length:
+        assert not isinstance(sampler, LengthGroupedSampler)
+        return
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == lengths
+    order = list(sampler)
+    assert sorted(order) == list(range(len(train)))
+    # 4 clips in micro-batches of 2: each mega-batch (here one micro-batch) is sorted, longest first,
+    # and the batch with the longest clip comes first (an out-of-memory error shows at once).
+    grouped = [[lengths[i] for i in order[k : k + 2]] for k in range(0, len(order), 2)]
+    assert all(batch == sorted(batch, reverse=True) for batch in grouped) and grouped[0][0] == max(lengths)
+    widths = [batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()]
+    assert widths[0] == max(lengths)

@@ -8,7 +8,9 @@ What it trains
     `<|image_1|>\\n{question}\\nAnswer briefly.`, scored with ANLS (average normalised Levenshtein
     similarity, tau 0.5, best over the gold answers), before and after training. Results go to
     `eval_before.json` / `eval_after.json` in `--output_dir`; ANLS is stored as a fraction (the
-    cookbook README quotes it x100, e.g. 83.65 for full fine-tuning of Phi-3-vision).
+    cookbook README quotes it x100, e.g. 83.65 for full fine-tuning of Phi-3-vision). The losses
+    go to `log_history.json` and `loss_curve.png` (training loss, held-out loss with --eval_steps,
+    and the learning rate on a second axis).
 
     Training modes: full fine-tuning (DeepSpeed ZeRO-2 from `ds_configs/zero2.json`),
     `--freeze_vision_model` (full fine-tuning of the language model and projector only; much
@@ -619,6 +621,36 @@ def evaluate(model, processor, dataset, args, device, out_file: Path, rank: int,
 # ----------------------------------------------------------------------------------------------
 
 
+def save_loss_curve(output_dir: Path, log_history: list[dict]):
+    """loss_curve.png: training loss (and held-out loss with --eval_steps), learning rate on a second axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no loss_curve.png")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = []
+    for key, name in (("loss", "train loss"), ("eval_loss", "held-out loss")):
+        points = [(h["step"], h[key]) for h in log_history if key in h]
+        if points:
+            lines += ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=name)
+    ax.set(xlabel="step", ylabel="loss", title="loss and learning rate")
+    lr_points = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "loss" in h]
+    if lr_points:
+        lr_ax = ax.twinx()
+        lines += lr_ax.plot(*zip(*lr_points), color="tab:gray", linestyle="--", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines])
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
 def save_merged_lora(model, args, processor, output_dir: Path):
     """Write base + LoRA as one full model to output_dir/merged (loads without peft)."""
     merged_dir = output_dir / "merged"
@@ -684,6 +716,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
+        save_loss_curve(output_dir, trainer.state.log_history)
 
     evaluate(model, processor, eval_data, args, training_args.device, output_dir / "eval_after.json",
              rank, world_size)

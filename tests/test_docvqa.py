@@ -211,6 +211,30 @@ def test_collator_masks_prompt_and_pads_right(tiny_model_dir, data):
     assert supervised in [answer_ids(tokenizer, "cat"), answer_ids(tokenizer, "3")]
 
 
+def test_loss_curve_plot(tmp_path, monkeypatch):
+    """Training loss, held-out loss and (second axis) learning rate, read back from the saved figure."""
+    m = load_script()
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    history = [{"loss": 3.0 - 0.1 * step, "learning_rate": 1e-3 * (1 - step / 10), "step": step} for step in range(1, 9)]
+    history += [{"eval_loss": 2.5, "step": 4}, {"eval_loss": 2.2, "step": 8}, {"train_runtime": 1.0, "step": 8}]
+    m.save_loss_curve(tmp_path, history)
+    with Image.open(tmp_path / "loss_curve.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    (fig,) = figures
+    loss_ax, lr_ax = fig.axes
+    assert lr_ax.get_shared_x_axes().joined(loss_ax, lr_ax)  # the learning rate shares the step axis
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    assert lines["train loss"].get_xydata().tolist() == [[h["step"], h["loss"]] for h in history[:8]]
+    assert lines["held-out loss"].get_xydata().tolist() == [[4, 2.5], [8, 2.2]]
+    (lr_line,) = lr_ax.get_lines()
+    assert lr_line.get_ydata().tolist() == pytest.approx([h["learning_rate"] for h in history[:8]])
+    assert lr_ax.get_ylabel() == "learning rate"
+
+
 def test_argument_validation(capsys):
     m = load_script()
     for bad, message in [
@@ -258,6 +282,9 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     assert all(math.isfinite(e["loss"]) for e in new_entries)
     assert all(e["images_per_second"] > 0 and e["tokens_per_second"] > 0 for e in new_entries)
     check_eval_files(out, m)
+    with Image.open(out / "loss_curve.png") as image:
+        assert image.format == "PNG"
+        image.verify()
 
     from safetensors import safe_open
 
@@ -326,6 +353,9 @@ def test_full_train_cauldron_deepspeed(tiny_model_dir, data, tmp_path, run_scrip
     training_args = torch.load(out / "training_args.bin", weights_only=False)
     assert str(training_args.deepspeed).endswith("ds_configs/zero2.json")
     check_eval_files(out, m)
+    with Image.open(out / "loss_curve.png") as image:  # train and held-out loss, learning rate
+        assert image.format == "PNG"
+        image.verify()
 
     import phi3v  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoProcessor

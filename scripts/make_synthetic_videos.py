@@ -104,15 +104,15 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 8) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--train_per_class", type=int, default=16)
-    parser.add_argument("--val_per_class", type=int, default=5)
-    parser.add_argument("--test_per_class", type=int, default=2)
+    parser.add_argument("--out_dir", required=True, help="folder to write <split>/<Class>/<video>.mp4 into")
+    parser.add_argument("--train_per_class", type=int, default=16, help="train videos per class")
+    parser.add_argument("--val_per_class", type=int, default=5, help="val videos per class")
+    parser.add_argument("--test_per_class", type=int, default=2, help="test videos per class")
     parser.add_argument("--num_classes", type=int, default=10, help=f"at most {len(COLOURS)}")
     parser.add_argument("--num_frames", type=int, default=8, help="frames per video")
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--height", type=int, default=120)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=160, help="frame width in pixels")
+    parser.add_argument("--height", type=int, default=120, help="frame height in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same videos)")
     args = parser.parse_args(argv)
     if not 1 <= args.num_classes <= len(COLOURS):
         parser.error(f"--num_classes must be between 1 and {len(COLOURS)}, got {args.num_classes}")

@@ -1,4 +1,4 @@
-"""phi3v.validation (image loading, tag checks, the preflight report) and phi3v.last_complete_checkpoint."""
+"""phi3v.validation: image loading, tag checks, the preflight report (checkpoints: test_crash_resume.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import phi3v
 from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 
@@ -131,17 +130,3 @@ def test_preflight_stops_with_every_problem_or_skips_them(tmp_path, capsys):
     preflight.finish(tmp_path / "quiet", skip_invalid=True, is_main=False)
     assert not (tmp_path / "quiet").exists()  # only the main process writes
 
-
-def test_last_complete_checkpoint_skips_half_written_ones(tmp_path):
-    assert phi3v.last_complete_checkpoint(tmp_path / "absent") is None
-    assert phi3v.last_complete_checkpoint(tmp_path) is None
-    for step in (2, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    (tmp_path / "checkpoint-9").mkdir()  # lower step number than 10, still picked by number not name
-    assert phi3v.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    (tmp_path / "checkpoint-12").mkdir()  # killed before trainer_state.json was written
-    (tmp_path / "checkpoint-11").mkdir()
-    (tmp_path / "checkpoint-11" / "trainer_state.json").write_text('{"global_step": 1')  # cut off
-    with pytest.warns(UserWarning, match="incomplete"):
-        assert phi3v.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

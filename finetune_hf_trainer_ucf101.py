@@ -137,7 +137,11 @@ def parse_args(argv=None):
     add("--logging_steps", type=int, default=10, help="log loss and throughput every N steps")
     add("--save_steps", type=int, default=0, help="0: only the final save; > 0: resumable checkpoints every N steps")
     add("--save_total_limit", type=int, default=None, help="keep at most this many checkpoints")
-    add("--resume_from_checkpoint", default=None, help="checkpoint folder, or `latest` (the newest complete checkpoint-N in output_dir)")
+    add(
+        "--resume_from_checkpoint",
+        default=None,
+        help="checkpoint folder, or `latest` (the newest complete checkpoint-N in output_dir)",
+    )
     add("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps (on --max_eval_loss_samples)")
     add("--max_eval_loss_samples", type=int, default=32, help="val samples used for the held-out loss")
     add("--max_train_samples", type=int, default=None, help="use only the first N training samples")
@@ -436,7 +440,9 @@ def load_data(args, processor, is_main: bool, log):
         for line_no, record in lines:
             if record is None:
                 continue  # malformed JSON, already reported
-            where = f"{name} line {line_no}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record else "")
+            where = f"{name} line {line_no}"
+            if isinstance(record, dict) and "id" in record:
+                where += f" (id {record['id']})"
             problems = conversation_problems(record)
             for problem in problems:
                 report.add(where, problem, key=(name, line_no))
@@ -467,7 +473,7 @@ def load_data(args, processor, is_main: bool, log):
     if not val and args.eval_steps > 0:
         raise SystemExit(f"error: --eval_steps needs validation samples, but {data_dir / EVAL_FILE} has none")
     if not val:
-        log(f"{data_dir / EVAL_FILE} has no valid line: no accuracy evaluation")
+        log(f"no line of {data_dir / EVAL_FILE} is used (empty, --max_eval_samples 0 or all invalid): no accuracy eval")
     longest = max(lengths.values(), default=0)
     log(f"preflight: {len(train)} train, {len(val)} val samples valid in {data_dir}; "
         f"longest {longest} tokens (--max_length {args.max_length})")  # fmt: skip

@@ -219,7 +219,8 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     rels = unusual_frames(root)
     modes = [Image.open(root / "images" / rel).mode for rel in rels]
     assert modes == ["CMYK", "P", "I;16", "RGBA", "RGB", "RGB", "RGB"]
-    train.append({"id": "train-0000000005", "conversations": [{"images": rels, "user": PROMPT, "assistant": "Archery"}]})
+    conversations = [{"images": rels, "user": PROMPT, "assistant": "Archery"}]
+    train.append({"id": "train-0000000005", "conversations": conversations})
     write_dataset(root, train, val)
     output_dir = tmp_path / "out"
     proc = run_script(SCRIPT, *run_args(tiny_model_dir, root, output_dir))
@@ -261,7 +262,8 @@ def test_nothing_valid_left(tiny_model_dir, tmp_path):
     write_dataset(root, train, val)
     with pytest.raises(SystemExit) as exit_info:
         recipe.main([str(a) for a in run_args(tiny_model_dir, root, tmp_path / "out", "--skip_invalid")])
-    assert f"error: no valid training sample in {root / 'ucf101_train.jsonl'}: nothing to train on" == exit_info.value.code
+    expected = f"error: no valid training sample in {root / 'ucf101_train.jsonl'}: nothing to train on"
+    assert exit_info.value.code == expected
     assert_not_trained(tmp_path / "out")
 
 
@@ -285,8 +287,11 @@ def parse_error(argv, capsys) -> str:
 
 def test_qlora_without_bitsandbytes(data_dir, capsys, monkeypatch):
     real_find_spec = recipe.importlib.util.find_spec
-    monkeypatch.setattr(recipe.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name))
-    assert "--use_qlora needs the bitsandbytes package" in parse_error(["--data_dir", str(data_dir), "--use_qlora"], capsys)
+    monkeypatch.setattr(
+        recipe.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name)
+    )
+    err = parse_error(["--data_dir", str(data_dir), "--use_qlora"], capsys)
+    assert "--use_qlora needs the bitsandbytes package" in err
 
 
 def test_batch_size_world_size(data_dir, capsys, monkeypatch):

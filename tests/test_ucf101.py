@@ -377,7 +377,8 @@ def test_group_by_length_sampler(group_by_length, tiny_model_dir, data_dir, tmp_
 
     argv = ["--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"), "--model_name_or_path",
             str(tiny_model_dir), "--num_crops", "1", "--batch_size", "2", "--batch_size_per_gpu", "2",
-            "--deepspeed", "none", "--dataloader_num_workers", "0"] + (["--group_by_length"] if group_by_length else [])  # fmt: skip
+            "--deepspeed", "none", "--dataloader_num_workers", "0"]  # fmt: skip
+    argv += ["--group_by_length"] if group_by_length else []
     args = recipe.parse_args(argv)
     training_args = recipe.build_training_args(args)
     processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)

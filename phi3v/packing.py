@@ -4,9 +4,10 @@
 runs its varlen kernel on offsets it finds from the restarting `position_ids`; sdpa runs each
 sample's own causal block from the row's `cu_seq_lens_q` (`segment_sdpa_attention`, installed as
 transformers' "sdpa" function when phi3v is imported; without `cu_seq_lens_q` it is transformers'
-sdpa unchanged); eager uses the block-diagonal causal mask transformers builds from the positions. With sdpa that mask would
-also work, but sdpa computes every entry of the row's L x L score matrix, masked or not: for a row of
-n samples of length L, about 2n times the causal attention of the samples one by one.
+sdpa unchanged); eager uses the block-diagonal causal mask transformers builds from the positions.
+With sdpa that mask would also work, but sdpa computes every entry of the row's L x L score matrix,
+masked or not: for a row of n samples of length L, about 2n times the causal attention of the
+samples one by one.
 """
 
 from __future__ import annotations

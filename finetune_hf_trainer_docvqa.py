@@ -38,6 +38,29 @@ Hardware suggestions
         `--freeze_vision_model` and a smaller `--num_crops`.
     CPU: works for smoke tests with a tiny model (`python -m phi3v.tiny --output_dir tiny`), fp32.
 
+Checks before training (nothing is loaded onto a GPU first)
+    Arguments: flash attention without flash-attn, CUDA or --bf16, --use_qlora without
+    bitsandbytes, --num_crops outside 1..16, a --batch_size that world size x --batch_size_per_gpu
+    does not divide, a --dataset_path / --full_train_dataset_path without the expected splits or
+    files, and an --output_dir that holds a finished run (eval_after.json, a saved model or adapter;
+    refused unless --overwrite_output_dir; checkpoint-* folders alone are an unfinished run that
+    `--resume_from_checkpoint latest` continues, from the newest checkpoint written completely).
+    Data (the "preflight"): every training row and every test row the run uses (after
+    --max_*_samples) is checked: the columns of the schema are there; the page is there, is one
+    image and decodes fully (truncated or corrupt files, tiny images; CMYK, palette, 16-bit, alpha
+    and EXIF-rotated pages are valid and converted the same way everywhere by
+    `phi3v.validation.load_image`); the question and every answer (every conversation turn of the
+    cauldron) are non-empty text without `<|image_N|>` tags of their own; a training sample fits
+    --max_length (counted from the image header with the token-count formula; samples are never
+    truncated). Bad rows stop the run with one report (split, row number and id, reason; all of
+    them in output_dir/invalid_rows.jsonl), or with --skip_invalid are dropped and listed in
+    output_dir/skipped_rows.jsonl.
+
+Throughput
+    `--group_by_length` batches pages of similar token counts (less padding); `--packing` puts each
+    micro-batch into one padding-free row (see its help for the trade-off). Evaluation generates
+    `--eval_batch_size` answers at a time.
+
 Data without the hub
     `--dataset_path` takes a local copy of the mini set: a `save_to_disk` DatasetDict with `train`
     and `test` splits, or a folder of parquet files named per split (`train-*.parquet`,
@@ -52,9 +75,8 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import io
 import json
-import math
+import multiprocessing
 import os
 import random
 import re
@@ -77,19 +99,18 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import phi3v
+from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 MINI_DOCVQA = "nielsr/docvqa_1200_examples"
-MINI_DROP_COLUMNS = ["id", "words", "bounding_boxes", "answer"]
+MINI_DROP_COLUMNS = ["words", "bounding_boxes", "answer"]  # "id" stays: it names bad rows
 CAULDRON, CAULDRON_CONFIG = "HuggingFaceM4/the_cauldron", "docvqa"
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_configs" / "zero2.json"
 # <|end|> and <|endoftext|>: generation stops at either.
 EOS_TOKEN_IDS = [32007, 32000]
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
-TOKENS_PER_CROP = 144
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +153,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     add("--max_eval_samples", type=int, default=None, help="generate for only the first N test rows")
     add("--max_new_tokens", type=int, default=64)
-    add("--max_length", type=int, default=8192, help="drop training samples longer than this (tokens)")
+    add("--max_length", type=int, default=8192,
+        help="training samples longer than this (tokens, image tokens included) are invalid: never truncated")
+    add("--skip_invalid", action="store_true",
+        help="drop the rows the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) and train "
+             "on the rest; default: stop before training with one report of all of them")
+    add("--packing", action="store_true",
+        help="pack each micro-batch (--batch_size_per_gpu samples) into one row without padding; positions "
+             "restart per sample and no token attends across samples, so the loss is that of padded batches. "
+             "Saves the compute spent on padding (DocVQA pages vary a lot in token count). With "
+             "--use_flash_attention the varlen kernel also skips attention across samples; with sdpa (CPU) "
+             "each sample's causal block runs on its own. Training and held-out loss only: generation "
+             "stays batched and padded")
+    add("--group_by_length", action="store_true",
+        help="sample micro-batches of similar length (token counts from the image headers and the token-count "
+             "formula, no pixel decode), so less padding is wasted; the order stays random across groups")
+    add("--overwrite_output_dir", action="store_true",
+        help="allow an --output_dir that holds a finished run (eval_after.json, a saved model or adapter); its "
+             "files are replaced as the new run writes them, nothing is deleted first")
     add("--merge_lora", action="store_true", help="LoRA runs: also write a merged full model to output_dir/merged")
     add("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
     add("--seed", type=int, default=42)
@@ -165,6 +203,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--full_train_dataset_path is only used with --full_train")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder")
+    if args.dataset_path is not None:
+        # With --full_train the mini set still gives the test split.
+        problem = dataset_path_problem(Path(args.dataset_path), ["test"] if args.full_train else ["train", "test"])
+        if problem:
+            parser.error(f"--dataset_path {args.dataset_path}: {problem}")
+    if args.full_train_dataset_path is not None:
+        problem = dataset_path_problem(Path(args.full_train_dataset_path), [])
+        if problem:
+            parser.error(f"--full_train_dataset_path {args.full_train_dataset_path}: {problem}")
+    finished = finished_run_files(Path(args.output_dir))
+    if finished and not args.overwrite_output_dir:
+        parser.error(f"--output_dir {args.output_dir} already holds a finished run ({', '.join(finished)}); "
+                     "choose another --output_dir, or add --overwrite_output_dir to train into it anyway")
     if args.deepspeed.lower() == "none" or args.use_lora:
         args.deepspeed = None  # LoRA/QLoRA never use DeepSpeed, as in the original recipe
     elif not os.path.isfile(args.deepspeed):
@@ -172,6 +223,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size_per_gpu
     return args
+
+
+# A run is finished once it saved its model (or adapter) and results; checkpoint-* folders alone mean
+# an unfinished run, which --resume_from_checkpoint continues in the same --output_dir.
+FINISHED_RUN_FILES = ("eval_after.json", "log_history.json", "model.safetensors", "model.safetensors.index.json",
+                      "pytorch_model.bin", "adapter_model.safetensors", "merged")
+
+
+def finished_run_files(output_dir: Path) -> list[str]:
+    return [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+
+
+def is_split_file(path: Path, split: str) -> bool:
+    return path.stem == split or path.name.startswith(f"{split}-") or path.parent.name == split
+
+
+def dataset_path_problem(path: Path, splits: list[str]) -> str | None:
+    """Why load_split cannot read `splits` from a local copy, or None. Cheap: only looks at file names."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_file():
+        if path.suffix != ".parquet":
+            return "is a file but not a .parquet file"
+        return f"is one parquet file; the splits {splits} need a folder" if len(splits) > 1 else None
+    if (path / "dataset_dict.json").exists():
+        saved = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        missing = [split for split in splits if split not in saved]
+        return f"the saved DatasetDict has the splits {saved}; missing: {missing}" if missing else None
+    if (path / "state.json").exists():
+        return f"is a single saved Dataset; save a DatasetDict with the splits {splits}" if splits else None
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+        return "is neither a save_to_disk folder (no dataset_dict.json or state.json) nor a folder of .parquet files"
+    missing = [split for split in splits if not any(is_split_file(f, split) for f in files)]
+    if missing:
+        return (f"no parquet files for the split(s) {missing} (names like {missing[0]}-00000-of-00001.parquet, "
+                f"{missing[0]}.parquet or a {missing[0]}/ folder)")
+    return None
 
 
 def set_single_process_env():
@@ -219,7 +308,7 @@ def load_split(hub_id: str, config: str | None, split: str, local_path: str | No
         return loaded
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if path.is_dir():
-        named = [f for f in files if f.stem == split or f.name.startswith(f"{split}-") or f.parent.name == split]
+        named = [f for f in files if is_split_file(f, split)]
         files = named or (files if unsplit_ok else [])
     if not files:
         raise SystemExit(f"no parquet files for split '{split}' under {path}")
@@ -250,43 +339,54 @@ def training_example(row: dict) -> tuple[Image.Image, str, str]:
 
 
 class DocVQACollator:
-    """Raw dataset rows -> a right-padded training batch; images are decoded here (in the workers).
+    """Raw dataset rows -> a training batch; images are decoded here (in the dataloader workers).
 
     Only the answer, <|end|>, "\\n" and <|endoftext|> carry a loss; the prompt (with the image
-    tokens) is masked with -100.
+    tokens) is masked with -100. Padded (default): one right-padded row per sample with an attention
+    mask. `packing`: the micro-batch concatenated into one row without padding (`phi3v.pack_examples`:
+    positions restart at each sample, no token attends across samples).
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, packing: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.pad_id = self.tokenizer.pad_token_id
+        self.packing = packing
 
-    def encode(self, row: dict) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+    def encode(self, row: dict) -> dict:
         image, user, answer = training_example(row)
-        prompt = self.processor(text=chat_prompt(self.tokenizer, user), images=[image])
+        # load_image as in the preflight, which decoded this image already: nothing here can fail on it.
+        prompt = self.processor(text=chat_prompt(self.tokenizer, user), images=[load_image(image)])
         prompt_ids = prompt["input_ids"][0].tolist()
         # No BOS before the answer: it continues the prompt.
         answer_ids = self.tokenizer(f"{answer}{ANSWER_SUFFIX}", add_special_tokens=False).input_ids
-        labels = [-100] * len(prompt_ids) + answer_ids
-        return prompt_ids + answer_ids, labels, prompt["pixel_values"], prompt["image_sizes"]
+        return {
+            "input_ids": prompt_ids + answer_ids,
+            "labels": [-100] * len(prompt_ids) + answer_ids,
+            "pixel_values": prompt["pixel_values"],
+            "image_sizes": prompt["image_sizes"],
+        }
 
     def __call__(self, rows: list[dict]) -> dict:
         encoded = [self.encode(row) for row in rows]
-        width = max(len(ids) for ids, *_ in encoded)
+        if self.packing:
+            return phi3v.pack_examples(encoded)
+        width = max(len(e["input_ids"]) for e in encoded)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         # From the lengths, not from input_ids != pad: <|endoftext|> has the pad id and is a real token.
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, row_labels, _, _) in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(ids)] = torch.tensor(row_labels)
-            attention_mask[i, : len(ids)] = 1
+        for i, e in enumerate(encoded):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            attention_mask[i, :n] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.cat([e[2] for e in encoded]),
-            "image_sizes": torch.cat([e[3] for e in encoded]),
+            "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+            "image_sizes": torch.cat([e["image_sizes"] for e in encoded]),
         }
 
 
@@ -295,72 +395,208 @@ def text_tokens(tokenizer, prompt: str) -> int:
     return sum(len(tokenizer(chunk).input_ids) for chunk in IMAGE_TAG.split(prompt))
 
 
-def image_size_from_header(cell) -> tuple[int, int]:
-    """(width, height) of a stored image ({bytes, path}) without decoding its pixels."""
-    with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as image:
-        return image.size
+def row_turns(row: dict) -> list[tuple[str, list[str]]]:
+    """(user turn, gold answers) of every question of a row of either schema (a valid row)."""
+    if "texts" in row:
+        return [(f"<|image_1|>\n{turn['user']}", [turn["assistant"]]) for turn in row["texts"]]
+    return [(mini_question(row["query"]), row["answers"])]
 
 
-def drop_long_samples(dataset, tokenizer, max_length: int, num_crops: int):
-    """Drop training rows whose longest possible sequence exceeds max_length (image tokens are never cut).
+def row_image(row: dict):
+    return row["images"][0] if "texts" in row else row["image"]
 
-    Rows that fit even with the largest image at `num_crops` are kept without opening the image;
-    for the others the size is read from the image file header.
+
+def sample_length(tokenizer, row: dict, num_crops: int) -> tuple[int, int]:
+    """(tokens, image tokens) of the longest training sequence a valid row can give.
+
+    From the image header only (no pixel decode) with the token-count formula; the cauldron's longest
+    question/answer turn counts, as any turn may be drawn.
     """
-    cauldron = "texts" in dataset.column_names
-    image_column = "images" if cauldron else "image"
-    most_image_tokens = (num_crops + 1) * TOKENS_PER_CROP + 1 + (num_crops + 1) * int(math.isqrt(TOKENS_PER_CROP))
-    suffix = len(tokenizer(ANSWER_SUFFIX, add_special_tokens=False).input_ids)
-    keep = []
-    stored = dataset.with_format("arrow")  # raw {bytes, path} cells: nothing decoded
-    texts = dataset.select_columns(["texts"] if cauldron else ["query", "answers"])
-    for index, row in enumerate(texts):
-        if cauldron:
-            turns = [(f"<|image_1|>\n{t['user']}", [t["assistant"]]) for t in row["texts"]]
+    width, height = image_size(row_image(row))
+    image_tokens = phi3v.num_image_tokens(width, height, num_crops)
+    text = max(
+        text_tokens(tokenizer, chat_prompt(tokenizer, user))
+        + max(len(tokenizer(f"{answer}{ANSWER_SUFFIX}", add_special_tokens=False).input_ids) for answer in answers)
+        for user, answers in row_turns(row)
+    )
+    return text + image_tokens, image_tokens
+
+
+def qa_problems(question, question_field: str, answers: list[tuple[object, str]]) -> list[str]:
+    """Problems of one question and its answers ((value, field name) pairs)."""
+    problems = []
+    if not isinstance(question, str) or not question.strip():
+        problems.append(f"empty or missing question ({question_field})")
+    else:
+        # The script puts the page's one <|image_1|> tag in front of the question itself.
+        problem = image_tag_problem(f"<|image_1|>\n{question}", 1)
+        if problem:
+            problems.append(f"question ({question_field}): {problem}")
+    for answer, field in answers:
+        if not isinstance(answer, str) or not answer.strip():
+            problems.append(f"empty or missing answer ({field})")
+        elif image_tag_problem(answer, 0):
+            problems.append(f"answer ({field}): {image_tag_problem(answer, 0)}")
+    return problems
+
+
+def text_problems(row: dict) -> list[str]:
+    # Adapt: the shape of your own rows (mini set: query/answers; the_cauldron: texts).
+    if "texts" in row:
+        texts = row["texts"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(turn, dict) for turn in texts):
+            return ["texts is empty or not a list of {user, assistant} turns"]
+        problems = []
+        for k, turn in enumerate(texts):
+            problems += qa_problems(turn.get("user"), f"texts[{k}]['user']",
+                                    [(turn.get("assistant"), f"texts[{k}]['assistant']")])
+        return problems
+    query = row["query"]
+    problems = qa_problems(query.get("en") if isinstance(query, dict) else None, "query['en']",
+                           [(a, f"answers[{k}]") for k, a in enumerate(row["answers"] or [])])
+    if not row["answers"]:
+        problems.append("no answers (the answers list is empty)")
+    return problems
+
+
+def image_problem(row: dict) -> str | None:
+    """Why a row's page cannot be trained on (full decode: a truncated file only shows there), or None."""
+    if "texts" in row:
+        images = row["images"]
+        if not isinstance(images, list) or not images:
+            return "no image (the images list is empty)"
+        if len(images) > 1:
+            return f"{len(images)} images; this recipe trains on one page per sample"
+    cell = row_image(row)
+    if cell is None:
+        return "image is missing (null)"
+    try:
+        load_image(cell)
+    except InvalidSample as err:
+        return str(err)
+    return None
+
+
+_CHECKED = None  # the dataset the image-checking workers read (inherited through fork, not pickled)
+
+
+def _image_problems(start: int, stop: int) -> list[str | None]:
+    return [image_problem(row) for row in _CHECKED.select(range(start, stop))]
+
+
+def check_rows(dataset, tokenizer, args, max_length: int | None) -> list[tuple[list[str], int | None]]:
+    """(problems, length) of every row; the length is None when the row has other problems.
+
+    `max_length`: rows longer than this are invalid (training rows; None for the test rows, which
+    are generated from, not trained on).
+
+    Deterministic, so every rank of a distributed run reaches the same verdict on its own. Images
+    are fully decoded (the slow part) in --dataloader_num_workers processes.
+    """
+    global _CHECKED
+    ranges = [(start, min(start + 64, len(dataset))) for start in range(0, len(dataset), 64)]
+    workers = min(args.dataloader_num_workers, len(ranges))
+    _CHECKED = dataset
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                chunks = pool.starmap(_image_problems, ranges)
         else:
-            turns = [(mini_question(row["query"]), row["answers"])]
-        text = max(
-            text_tokens(tokenizer, chat_prompt(tokenizer, user))
-            + max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
-            + suffix
-            for user, answers in turns
-        )
-        if text + most_image_tokens > max_length:
-            cell = stored[index][image_column][0].as_py()
-            width, height = image_size_from_header(cell[0] if cauldron else cell)
-            if text + phi3v.num_image_tokens(width, height, num_crops) > max_length:
-                continue
-        keep.append(index)
-    if len(keep) < len(dataset):
-        print0(f"dropped {len(dataset) - len(keep)} of {len(dataset)} training samples longer than "
-               f"--max_length {max_length}")
-        dataset = dataset.select(keep)
-    return dataset
+            chunks = [_image_problems(start, stop) for start, stop in ranges]
+    finally:
+        _CHECKED = None
+    image_issues = [issue for chunk in chunks for issue in chunk]
+    results = []
+    for row, image_issue in zip(dataset, image_issues):
+        problems = ([image_issue] if image_issue else []) + text_problems(row)
+        length = None
+        if not problems:
+            length, image_tokens = sample_length(tokenizer, row, args.num_crops)
+            if max_length is not None and length > max_length:
+                # Never truncated: cutting image tokens would break the image-token/feature match.
+                problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
+        results.append((problems, length))
+    return results
 
 
-def load_data(args, tokenizer):
-    """(training rows, generation-eval rows, held-out-loss rows or None); rows stay raw (lazy images)."""
+def preflight(train, test, tokenizer, args, is_main: bool):
+    """Check every row the run uses before any model is loaded; stop with one report, or drop them.
+
+    `test`: the test rows used for generation and for the held-out loss. Returns (training rows,
+    generation rows, held-out-loss rows or None, training lengths) without the bad rows.
+    """
+    sources = [args.full_train_dataset_path or f"{CAULDRON}/{CAULDRON_CONFIG}"] if args.full_train else []
+    report = Preflight(f"the DocVQA data ({', '.join(sources + [args.dataset_path or MINI_DOCVQA])})")
+    verdicts = {}
+    for split, dataset in (("train", train), ("test", test)):
+        verdicts[split] = check_rows(dataset, tokenizer, args, args.max_length if split == "train" else None)
+        ids = dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
+        name = "cauldron train" if split == "train" and args.full_train else split
+        for i, ((problems, _), row_id) in enumerate(zip(verdicts[split], ids)):
+            for problem in problems:
+                report.add(f"{name} row {i}" + (f" (id {row_id})" if row_id is not None else ""), problem, key=(split, i))
+    drop = report.finish(args.output_dir, args.skip_invalid, is_main)
+
+    keep = [i for i in range(len(train)) if ("train", i) not in drop]
+    if not keep:
+        raise SystemExit(f"all {len(train)} training rows are invalid (listed in "
+                         f"{Path(args.output_dir) / 'skipped_rows.jsonl'}): nothing to train on")
+    train_lengths = [verdicts["train"][i][1] for i in keep]
+    train = train.select(keep) if len(keep) < len(train) else train
+    valid_test = [i for i in range(len(test)) if ("test", i) not in drop]
+    num_generate = min(args.max_eval_samples or len(test), len(test))
+    eval_data = test.select([i for i in valid_test if i < num_generate])
+    if num_generate and not len(eval_data):
+        raise SystemExit(f"all {num_generate} evaluation rows are invalid (listed in "
+                         f"{Path(args.output_dir) / 'skipped_rows.jsonl'}): nothing to evaluate on")
+    eval_loss = None
+    if args.eval_steps > 0:
+        eval_loss = test.select([i for i in valid_test if i < args.max_eval_loss_samples])
+        # Always the first gold answer, so that the held-out loss is comparable between evaluations.
+        eval_loss = eval_loss.map(lambda answers: {"answers": answers[:1]}, input_columns="answers", keep_in_memory=True)
+    print0(f"preflight: {len(train)} training and {len(eval_data)} evaluation rows valid; longest training "
+           f"sample {max(train_lengths)} tokens (--max_length {args.max_length})")
+    return train, eval_data, eval_loss, train_lengths
+
+
+def undecoded(dataset, image_column: str, columns: list[str], what: str):
+    """The schema's columns, images as {bytes, path} cells, or a clear error naming what is missing.
+
+    The images are decoded by load_image only: in the preflight and in the collator (dataloader
+    workers), the same way everywhere.
+    """
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise SystemExit(f"{what} has no column(s) {missing} (its columns: {dataset.column_names}); "
+                         f"expected {columns}")
+    image = datasets.Image(decode=False)
+    try:
+        return dataset.cast_column(image_column, datasets.List(image) if image_column == "images" else image)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{what}: column '{image_column}' does not hold images ({err})") from None
+
+
+def load_data(args):
+    """(training rows, the test rows the run uses): raw rows, images left undecoded for the preflight."""
+    mini = args.dataset_path or MINI_DOCVQA
     test = load_split(MINI_DOCVQA, None, "test", args.dataset_path)
     test = test.remove_columns([c for c in MINI_DROP_COLUMNS if c in test.column_names])
+    test = undecoded(test, "image", ["image", "query", "answers"], f"{mini} split 'test'")
     if args.full_train:
         train = load_split(CAULDRON, CAULDRON_CONFIG, "train", args.full_train_dataset_path, unsplit_ok=True)
-        train = train.select_columns(["images", "texts"])
+        where = args.full_train_dataset_path or f"{CAULDRON}/{CAULDRON_CONFIG}"
+        train = undecoded(train, "images", ["images", "texts"], where).select_columns(["images", "texts"])
     else:
         train = load_split(MINI_DOCVQA, None, "train", args.dataset_path)
         train = train.remove_columns([c for c in MINI_DROP_COLUMNS if c in train.column_names])
+        train = undecoded(train, "image", ["image", "query", "answers"], f"{mini} split 'train'")
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
-    train = drop_long_samples(train, tokenizer, args.max_length, args.num_crops)
-
-    eval_loss = None
-    if args.eval_steps > 0:
-        eval_loss = test.select(range(min(args.max_eval_loss_samples, len(test))))
-        # Always the first gold answer, so that the held-out loss is comparable between evaluations.
-        eval_loss = eval_loss.map(lambda answers: {"answers": answers[:1]}, input_columns="answers", keep_in_memory=True)
-    if args.max_eval_samples:
-        test = test.select(range(min(args.max_eval_samples, len(test))))
-    print0(f"training rows: {len(train)}, evaluation rows: {len(test)}")
-    return train, test, eval_loss
+    num_generate = min(args.max_eval_samples or len(test), len(test))
+    num_loss = min(args.max_eval_loss_samples, len(test)) if args.eval_steps > 0 else 0
+    test = test.select(range(max(num_generate, num_loss)))
+    print0(f"training rows: {len(train)}, evaluation rows: {num_generate}")
+    return train, test
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,7 +742,11 @@ def make_training_args(args, on_gpu: bool, world_size: int) -> TrainingArguments
         remove_unused_columns=False,  # the collator needs the raw columns
         dataloader_num_workers=workers,
         dataloader_prefetch_factor=2 if workers > 0 else None,
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows have no padding (and no attention mask): every token counts.
+        include_num_input_tokens_seen="all" if args.packing else "non_padding",
+        # Lengths from the `length` column that main() adds from the preflight's token counts.
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        length_column_name="length",
         report_to=args.report_to.split(","),
         disable_tqdm=args.no_tqdm,
         seed=args.seed,
@@ -517,7 +757,8 @@ def make_training_args(args, on_gpu: bool, world_size: int) -> TrainingArguments
 def resolve_checkpoint(args) -> str | None:
     if args.resume_from_checkpoint != "latest":
         return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    # Skips (with a warning naming it) a checkpoint-N left half-written by a kill while saving.
+    last = phi3v.last_complete_checkpoint(args.output_dir)
     print0(f"resuming from {last}" if last else f"no checkpoint-* in {args.output_dir}: starting from scratch")
     return last
 
@@ -574,7 +815,8 @@ def evaluate(model, processor, dataset, args, device, out_file: Path, rank: int,
         for start in range(0, len(shard), args.eval_batch_size):
             rows = shard[start : start + args.eval_batch_size]
             prompts = [chat_prompt(tokenizer, mini_question(q)) for q in rows["query"]]
-            batch = processor(text=prompts, images=[[image] for image in rows["image"]], padding=True).to(device)
+            images = [[load_image(image)] for image in rows["image"]]
+            batch = processor(text=prompts, images=images, padding=True).to(device)
             with autocast_context(args, device):
                 output = model.generate(
                     **batch,
@@ -683,10 +925,21 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    with training_args.main_process_first(local=True, desc="loading the processor, data and model"):
+    finished = finished_run_files(output_dir)
+    if finished:
+        print0(f"--overwrite_output_dir: {output_dir} holds a finished run ({', '.join(finished)}); the new run "
+               "replaces these files as it writes its own")
+
+    with training_args.main_process_first(local=True, desc="loading the processor and data"):
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
         processor.tokenizer.padding_side = "right"
-        train_data, eval_data, eval_loss_data = load_data(args, processor.tokenizer)
+        train_data, test_data = load_data(args)
+    # Before the model is loaded: bad data fails in seconds, on every rank alike.
+    train_data, eval_data, eval_loss_data, train_lengths = preflight(
+        train_data, test_data, processor.tokenizer, args, is_main=rank == 0)
+    if args.group_by_length:  # the Trainer's length-grouped sampler reads this column
+        train_data = train_data.add_column("length", train_lengths)
+    with training_args.main_process_first(local=True, desc="loading the model"):
         model = load_model(args, on_gpu, local_rank)
     if not args.use_qlora:
         model.to(training_args.device)
@@ -702,7 +955,7 @@ def main(argv=None):
     trainer = DocVQATrainer(
         model=model,
         args=training_args,
-        data_collator=DocVQACollator(processor),
+        data_collator=DocVQACollator(processor, packing=args.packing),
         train_dataset=train_data,
         eval_dataset=eval_loss_data,
         processing_class=processor,

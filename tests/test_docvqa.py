@@ -78,7 +78,7 @@ def data(tmp_path_factory):
     """The mini set (save_to_disk DatasetDict) and a cauldron-docvqa copy (parquet), in the hub schemas.
 
     Training pages 0-5 are square, 6-7 wide: at num_crops 2 a wide page takes 457 image tokens, a
-    square one 313, so --max_length 400 drops exactly the two wide ones.
+    square one 313, so --max_length 400 makes exactly the two wide ones invalid.
     """
     root = tmp_path_factory.mktemp("docvqa-data")
     train = mini_split(TRAIN_WORDS, [(120, 120)] * 6 + [(200, 100)] * 2)
@@ -260,17 +260,23 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     out = tmp_path / "lora"
     args = common_args(tiny_model_dir, data, out) + [
         "--use_lora", "--batch_size", 2, "--batch_size_per_gpu", 1, "--num_crops", 2, "--max_length", 400,
-        "--eval_batch_size", 2, "--learning_rate", 5e-3, "--save_steps", 2,
+        "--eval_batch_size", 2, "--learning_rate", 5e-3, "--save_steps", 2, "--skip_invalid",
     ]
     first = run_script(SCRIPT, *args, "--max_steps", 2, env=ONE_THREAD)
-    assert "dropped 2 of 8 training samples" in first.stdout and "training rows: 6" in first.stdout
+    assert "preflight: 6 training and 4 evaluation rows valid" in first.stdout
+    skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [s["where"] for s in skipped] == ["train row 6 (id q6)", "train row 7 (id q7)"]
+    assert all("457 of them image tokens) > --max_length 400" in s["reason"] for s in skipped)
     assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert (out / "checkpoint-2" / "optimizer.pt").exists()
     first_log = read_json(out / "log_history.json")
     assert sorted(losses(first_log)) == [1, 2]
 
+    # The first run finished (eval_after.json, adapter): continuing it in place needs --overwrite_output_dir.
+    refused = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", check=False)
+    assert refused.returncode == 2 and "already holds a finished run" in refused.stdout
     second = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--merge_lora",
-                        env=ONE_THREAD)
+                        "--overwrite_output_dir", env=ONE_THREAD)
     assert "resuming from" in second.stdout and "checkpoint-2" in second.stdout
     assert (out / "checkpoint-4").is_dir()
     assert read_json(out / "checkpoint-4" / "trainer_state.json")["global_step"] == 4

@@ -272,12 +272,15 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     first_log = read_json(out / "log_history.json")
     assert sorted(losses(first_log)) == [1, 2]
 
+    # A kill while saving leaves an incomplete newest checkpoint: 'latest' must skip it.
+    (out / "checkpoint-3").mkdir()
     # The first run finished (eval_after.json, adapter): continuing it in place needs --overwrite_output_dir.
     refused = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", check=False)
     assert refused.returncode == 2 and "already holds a finished run" in refused.stdout
     second = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--merge_lora",
                         "--overwrite_output_dir", env=ONE_THREAD)
-    assert "resuming from" in second.stdout and "checkpoint-2" in second.stdout
+    assert f"resuming from {out / 'checkpoint-2'}" in second.stdout
+    assert "checkpoint-3 is incomplete" in second.stdout
     assert (out / "checkpoint-4").is_dir()
     assert read_json(out / "checkpoint-4" / "trainer_state.json")["global_step"] == 4
     log = read_json(out / "log_history.json")
@@ -314,6 +317,62 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     assert torch.isfinite(merged_logits).all()
     torch.testing.assert_close(merged_logits, logits_of(in_memory, inputs), rtol=1e-4, atol=1e-4)
     assert (merged_logits - logits_of(base, inputs)).abs().max() > 1e-3
+
+
+def test_packing_same_losses(tiny_model_dir, data, tmp_path, run_script):
+    """--packing (each micro-batch of 2 pages of different lengths in one padding-free row) gives the
+    losses and gradient norms of padded batches, step after step, and counts the same tokens."""
+    logs = {}
+    for mode in ("padded", "packed"):
+        out = tmp_path / mode
+        run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--deepspeed", "none", "--num_crops", 2,
+                   "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 3, "--learning_rate", 1e-3,
+                   "--max_eval_samples", 1, "--max_new_tokens", 1, *(["--packing"] if mode == "packed" else []),
+                   env=ONE_THREAD)
+        logs[mode] = [e for e in read_json(out / "log_history.json") if "loss" in e]
+    assert len(logs["packed"]) == len(logs["padded"]) == 3
+    for packed, padded in zip(logs["packed"], logs["padded"]):
+        assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-4)
+        assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-3)
+        assert packed["num_input_tokens_seen"] == padded["num_input_tokens_seen"]
+    assert logs["padded"][0]["loss"] != pytest.approx(logs["padded"][2]["loss"], rel=1e-3)  # it trained
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_group_by_length_sampler(tiny_model_dir, data, tmp_path, monkeypatch, group_by_length):
+    """--group_by_length: the Trainer samples with the token-count formula's lengths (image headers, no
+    pixel decode), which are the lengths the collator really produces."""
+    from transformers import AutoProcessor
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    m = load_script()
+    seen = {}
+
+    def capture(trainer, **kwargs):  # instead of training: look at what the Trainer would sample
+        seen["sampler"] = trainer._get_train_sampler()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(m.DocVQATrainer, "train", capture)
+    monkeypatch.setattr(m, "evaluate", lambda *args, **kwargs: None)
+    argv = common_args(tiny_model_dir, data, tmp_path / "out") + [
+        "--deepspeed", "none", "--num_crops", 2, "--batch_size", 2, "--batch_size_per_gpu", 2]
+    with pytest.raises(SystemExit):
+        m.main([str(a) for a in argv + (["--group_by_length"] if group_by_length else [])])
+    sampler = seen["sampler"]
+    if not group_by_length:
+        assert not isinstance(sampler, LengthGroupedSampler)
+        return
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=2)
+    rows = datasets.load_from_disk(str(data["mini"]))["train"]
+    lengths = [m.sample_length(processor.tokenizer, row, 2)[0] for row in rows]
+    assert isinstance(sampler, LengthGroupedSampler) and list(sampler.lengths) == lengths
+    collator = m.DocVQACollator(processor)
+    for row, length in zip(rows, lengths):  # the formula is exact: the longest gold answer's sequence
+        assert length == max(len(collator.encode({**row, "answers": [a]})["input_ids"]) for a in row["answers"])
+    # 8 rows, batch 2: mega-batches of one batch each, sorted by decreasing length, the longest first.
+    order = [lengths[i] for i in sampler]
+    assert sorted(order) == sorted(lengths) and order[0] == max(lengths)
+    assert all(order[i] >= order[i + 1] for i in range(0, len(order), 2))
 
 
 def test_qlora(tiny_model_dir, data, tmp_path, run_script):

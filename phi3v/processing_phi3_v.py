@@ -13,6 +13,11 @@ stack), but the padding is done in uint8, normalising is one table lookup per tw
 batch tensor. That leaves PIL's resize, which the output must match, as about two thirds of the
 cost (`python -m bench.preprocess` measures it against the step-by-step path).
 
+`resize_backend="torch"` (opt-in; saved in preprocessor_config.json) swaps PIL's resize for torch's
+uint8 antialiased bilinear resize, which follows PIL's algorithm in fixed point with a different
+rounding: about 3x faster on an RGB page, and off by one uint8 level on a few pixels in ten
+thousand (at most 1/255 before normalising, under 0.015 after). Everything else is the same code.
+
 `num_crops` is an upper bound on the number of crops, and the number of image tokens depends only
 on the image size and `num_crops` (see `num_image_tokens`), so sequence lengths can be known
 without decoding pixels.
@@ -28,6 +33,7 @@ import functools
 import math
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,12 +42,22 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 CROP_SIZE = 336
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+RESIZE_BACKENDS = ("pil", "torch")
+
+
+def check_resize_backend(resize_backend) -> str:
+    if resize_backend not in RESIZE_BACKENDS:
+        raise ValueError(
+            f"resize_backend must be one of {', '.join(map(repr, RESIZE_BACKENDS))}, got {resize_backend!r}: "
+            "'pil' matches the official processor bit for bit, 'torch' is faster and within 1/255 of it"
+        )
+    return resize_backend
 
 
 def hd_transform_size(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
@@ -81,6 +97,13 @@ def _normalised_pairs(image_mean: tuple, image_std: tuple) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.int64)[..., 0]
 
 
+class Phi3VImagesKwargs(ImagesKwargs, total=False):
+    # from_pretrained(path, **kwargs) hands these to __init__ (validated there) instead of setting them
+    num_crops: int
+    num_img_tokens: int
+    resize_backend: str
+
+
 class Phi3VImageProcessor(BaseImageProcessor):
     r"""HD crop transform of Phi-3-vision.
 
@@ -90,9 +113,14 @@ class Phi3VImageProcessor(BaseImageProcessor):
         image_mean, image_std (`list[float]`): normalisation (OpenAI CLIP values).
         do_convert_rgb (`bool`): convert every image to RGB first (always done, as the official code).
         num_img_tokens (`int`): tokens per crop after the 2x2 merge (144).
+        resize_backend (`str`, defaults to "pil"): the bilinear resize of the HD transform. "pil" is
+            PIL's, bit-identical to the official processor; "torch" is torch's uint8 antialiased
+            bilinear, about 3x faster on RGB pages and within one uint8 level of PIL's on a few
+            pixels in ten thousand (for dataloader workers that cannot keep up).
     """
 
     model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = Phi3VImagesKwargs
 
     def __init__(
         self,
@@ -101,6 +129,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         do_convert_rgb: bool = True,
         num_img_tokens: int = 144,
+        resize_backend: str = "pil",
         **kwargs,
     ):
         kwargs.pop("auto_map", None)  # points at the official remote code; not needed here
@@ -112,6 +141,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std)
         self.do_convert_rgb = do_convert_rgb
         self.num_img_tokens = num_img_tokens
+        self.resize_backend = check_resize_backend(resize_backend)
 
     def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
         return num_image_tokens(width, height, num_crops or self.num_crops, self.num_img_tokens)
@@ -145,7 +175,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         new_w, new_h, padded_w, padded_h = hd_transform_size(image.width, image.height, num_crops)
-        resized = np.asarray(image.resize((new_w, new_h), Image.BILINEAR))
+        if check_resize_backend(self.resize_backend) == "torch":
+            resized = self.torch_resize(image, new_w, new_h)
+        else:
+            resized = np.asarray(image.resize((new_w, new_h), Image.BILINEAR))
         # Pad in uint8 (white, centred, the remainder at the bottom or right) and normalise the
         # padded picture in one lookup pass: normalised white is the table's entry for 255, so this
         # equals normalising after padding. padded_w is a multiple of 336, so rows pair up evenly.
@@ -165,6 +198,22 @@ class Phi3VImageProcessor(BaseImageProcessor):
             for channel in range(3):
                 np.take(table[channel], padded[channel], out=out[channel], mode="wrap")
         return hd
+
+    @staticmethod
+    def torch_resize(image: Image.Image, width: int, height: int) -> np.ndarray:
+        """RGB or L PIL image -> uint8 [height, width, 3] or [height, width], as
+        `np.asarray(image.resize((width, height), Image.BILINEAR))` but with torch's antialiased
+        bilinear resize (PIL's kernel and support, in fixed point with its own rounding).
+
+        An RGB image goes in as its HWC buffer viewed as a channels-last NCHW tensor (no copy), the
+        layout torch's vectorised uint8 kernel takes; an L image stays one band, as in the PIL path.
+        """
+        with warnings.catch_warnings():  # PIL's buffer is read-only; the resize only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(np.asarray(image))
+        tensor = tensor[None, None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
+        resized = F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+        return resized[0].numpy() if image.mode == "L" else resized.permute(1, 2, 0).numpy()
 
     def crops(self, hd: torch.Tensor, num_crops: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised HD picture -> [num_crops + 1, 3, 336, 336]: global, sub-crops, zero slots.
@@ -235,12 +284,16 @@ class Phi3VProcessor(ProcessorMixin):
         return self.image_processor.num_crops
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, num_crops: int | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, num_crops: int | None = None, resize_backend: str | None = None, **kwargs
+    ):
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if num_crops is not None:
             if int(num_crops) < 1:
                 raise ValueError(f"num_crops must be >= 1, got {num_crops}")
             processor.image_processor.num_crops = int(num_crops)
+        if resize_backend is not None:
+            processor.image_processor.resize_backend = check_resize_backend(resize_backend)
         return processor
 
     def __call__(

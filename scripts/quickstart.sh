@@ -8,9 +8,9 @@
 #   4. make a tiny random Phi-3.5-vision with the real tokenizer (python -m phi3v.tiny),
 #   5. fine-tune it with finetune_hf_trainer_ucf101.py and print the held-out (val) accuracy before
 #      and after, and where the outputs are.
-# Measured on 2 CPU cores shared with other jobs (load average ~5): 4.5 minutes after the first
-# set-up (about 2 minutes of it training); 100 % accuracy after on the 50 val clips, 0 % before (the
-# random model does not even answer with a class name; guessing a class would give 10 %).
+# Measured on 2 CPU cores shared with other jobs, after the first set-up: 2.9 minutes at load
+# average ~3 (2 of them training), 4.5 minutes at ~5; 100 % accuracy after on the 50 val clips, 0 %
+# before (the random model does not even answer with a class name; guessing would give 10 %).
 # Usage: bash scripts/quickstart.sh [OUTPUT_FOLDER]   (default: quickstart_output; replaced if present)
 set -euo pipefail
 cd "$(dirname "$0")/.."

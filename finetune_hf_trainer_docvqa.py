@@ -147,7 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--logging_steps", type=int, default=10)
     add("--save_steps", type=int, default=0, help="0: only the final save; N: resumable checkpoint every N steps")
     add("--save_total_limit", type=int, default=10, help="keep at most this many checkpoint-* folders")
-    add("--resume_from_checkpoint", default=None, help="checkpoint folder, or 'latest' (newest in output_dir)")
+    add("--resume_from_checkpoint", default=None,
+        help="checkpoint folder, or 'latest': the newest checkpoint-N in --output_dir that was written completely "
+             "(one cut off by a kill while saving is skipped)")
     add("--eval_steps", type=int, default=0, help="0: off; N: held-out loss every N steps")
     add("--max_eval_loss_samples", type=int, default=64, help="test rows used for the held-out loss")
     add("--max_train_samples", type=int, default=None, help="use only the first N training rows")

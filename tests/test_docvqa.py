@@ -1,4 +1,9 @@
-"""finetune_hf_trainer_docvqa.py end to end on a tiny model and a tiny DocVQA-shaped dataset (CPU, offline)."""
+"""finetune_hf_trainer_docvqa.py end to end on a tiny model and a tiny DocVQA-shaped dataset (CPU, offline).
+
+Also --packing (the same losses as padded batches) and --group_by_length (the Trainer's sampler gets the
+token-count formula lengths). Bad data and bad arguments: tests/test_preflight_docvqa.py; learning:
+tests/test_learning_docvqa.py.
+"""
 
 from __future__ import annotations
 

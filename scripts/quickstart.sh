@@ -11,7 +11,8 @@
 # Measured on 2 CPU cores shared with other jobs, after the first set-up: 2.9 minutes at load
 # average ~3 (2 of them training), 4.5 minutes at ~5; 100 % accuracy after on the 50 val clips, 0 %
 # before (the random model does not even answer with a class name; guessing would give 10 %).
-# Usage: bash scripts/quickstart.sh [OUTPUT_FOLDER]   (default: quickstart_output; replaced if present)
+# Usage: bash scripts/quickstart.sh [OUTPUT_FOLDER]   (default: quickstart_output; a folder
+# from an earlier quickstart is replaced, any other existing folder is refused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -24,7 +25,16 @@ PY=.venv/bin/python
 OUT=${1:-quickstart_output}
 start=$(date +%s)
 
-rm -rf "$OUT"
+# Never delete a folder this script did not make: an earlier quickstart leaves a marker file.
+if [ -e "$OUT" ]; then
+  if [ -f "$OUT/.quickstart_output" ]; then
+    rm -rf "$OUT"
+  else
+    echo "quickstart: $OUT exists and was not made by this script; give another folder" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$OUT" && touch "$OUT/.quickstart_output"
 $PY scripts/make_synthetic_videos.py --out_dir "$OUT/videos"
 $PY convert_ucf101.py --src "$OUT/videos" --out_dir "$OUT/ucf101" --num_frames 4 --no-tqdm
 $PY -m phi3v.tiny --output_dir "$OUT/tiny-phi3v"

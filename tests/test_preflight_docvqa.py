@@ -308,3 +308,21 @@ def test_unusual_pages_train_and_skip_invalid(tiny_model_dir, tmp_path, run_scri
     assert step["loss"] > 0 and step["num_input_tokens_seen"] > 7 * 313  # all 7 valid pages in the one step
     after = json.loads((out / "eval_after.json").read_text())
     assert after["num_samples"] == 7
+
+
+def test_parallel_check_matches_serial(script, tiny_model_dir, tmp_path):
+    """--dataloader_num_workers > 1 decodes the pages in a process pool: the same verdicts as serially."""
+    from transformers import AutoProcessor
+
+    rows = [mini_row(i) for i in range(130)]  # three chunks of up to 64 rows
+    rows[5]["image"] = None
+    rows[100]["image"] = {"bytes": truncated_jpeg(), "path": None}
+    data = write_data(tmp_path, train=rows)
+    args = script.parse_args(base_args(tiny_model_dir, data, tmp_path / "out") + ["--dataloader_num_workers", "3"])
+    train, _ = script.load_data(args)
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    parallel = script.check_rows(train, tokenizer, args, max_length=8192)
+    args.dataloader_num_workers = 0
+    assert parallel == script.check_rows(train, tokenizer, args, max_length=8192)
+    assert [i for i, (problems, _) in enumerate(parallel) if problems] == [5, 100]
+    assert "corrupt or truncated image" in parallel[100][0][0]

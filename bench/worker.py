@@ -220,7 +220,7 @@ def run(cfg: dict) -> dict:
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg["cpu_threads"])
     prepare_model_dir(Path(cfg["model_dir"]), cfg["model_size"], device, dtype)
-    processor = AutoProcessor.from_pretrained(cfg["model_dir"])
+    processor = AutoProcessor.from_pretrained(cfg["model_dir"], resize_backend=cfg.get("resize_backend", "pil"))
 
     # The same samples for every configuration; warm-up samples come first and are not measured.
     warmup, measured = cfg["warmup_samples"], cfg["samples"]

@@ -137,6 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--batch_size_per_gpu", type=int, default=1, help="micro-batch per process")
     add("--eval_batch_size", type=int, default=None, help="generation batch per process (default: batch_size_per_gpu)")
     add("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
+    add("--resize_backend", choices=["pil", "torch"], default=None,
+        help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
+        "the official processor; torch (uint8 antialiased bilinear) is about 3x faster on large images, within "
+        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
     add("--num_train_epochs", type=float, default=1)
     add("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
     add("--learning_rate", type=float, default=4.0e-5)
@@ -933,7 +937,10 @@ def main(argv=None):
                "replaces these files as it writes its own")
 
     with training_args.main_process_first(local=True, desc="loading the processor and data"):
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = AutoProcessor.from_pretrained(
+            args.model_name_or_path, num_crops=args.num_crops,
+            **({"resize_backend": args.resize_backend} if args.resize_backend else {}),
+        )
         processor.tokenizer.padding_side = "right"
         train_data, test_data = load_data(args)
     # Before the model is loaded: bad data fails in seconds, on every rank alike.

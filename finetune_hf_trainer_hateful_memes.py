@@ -114,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--lora_dropout", type=float, default=0.0)
     model.add_argument("--freeze_vision_model", action="store_true", help="do not train CLIP and the projector")
     model.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
+    model.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
+        help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
+        "the official processor; torch (uint8 antialiased bilinear) is about 3x faster on large images, within "
+        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", default=None,
@@ -856,7 +860,10 @@ def main(argv=None):
     set_seed(args.seed)  # LoRA weights are drawn before the Trainer sets its seed
 
     with training_args.main_process_first(local=True):  # rank 0 downloads, the others read the cache
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = AutoProcessor.from_pretrained(
+            args.model_name_or_path, num_crops=args.num_crops,
+            **({"resize_backend": args.resize_backend} if args.resize_backend else {}),
+        )
         train_set, eval_set = load_data(args.dataset_path, args.eval_size)
     num_held_out = len(eval_set)
     if args.max_train_samples is not None:

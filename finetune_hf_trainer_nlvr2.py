@@ -91,6 +91,10 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 weights and mixed precision (else fp16 AMP on GPU, fp32 on CPU)")
     parser.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
+    parser.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
+        help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
+        "the official processor; torch (uint8 antialiased bilinear) is about 3x faster on large images, within "
+        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
     # LoRA / QLoRA
     parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of the full model")
     parser.add_argument("--use_qlora", action="store_true", help="LoRA on a 4-bit (nf4) base model; implies --use_lora")
@@ -932,7 +936,10 @@ def main(argv=None):
     training_args = create_training_arguments(args, use_cuda, world_size)
     set_seed(args.seed)
     with training_args.main_process_first(local=True, desc="loading the processor"):
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = AutoProcessor.from_pretrained(
+            args.model_name_or_path, num_crops=args.num_crops,
+            **({"resize_backend": args.resize_backend} if args.resize_backend else {}),
+        )
     # Before the model is loaded: bad data stops the run in seconds, with one report.
     train_set, eval_set = prepare_datasets(args, training_args, processor.tokenizer)
     with training_args.main_process_first(local=True, desc="loading model"):

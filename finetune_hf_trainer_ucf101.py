@@ -121,6 +121,10 @@ def parse_args(argv=None):
     )
     # 8 frames per clip: 4 crops (instead of 16) keep the sequence near 6k tokens.
     add("--num_crops", type=int, default=4, help="max 336x336 crops per frame (1..16)")
+    add("--resize_backend", choices=["pil", "torch"], default=None,
+        help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
+        "the official processor; torch (uint8 antialiased bilinear) is about 3x faster on large images, within "
+        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
     add("--num_train_epochs", type=float, default=1, help="epochs (ignored when --max_steps > 0)")
     add("--max_steps", type=int, default=-1, help="> 0: train this many steps (overrides epochs)")
     add("--learning_rate", type=float, default=4.0e-5, help="peak learning rate (linear decay)")
@@ -916,7 +920,10 @@ def main(argv=None):
 
     # --- data
     with training_args.main_process_first(local=True):
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path, num_crops=args.num_crops)
+        processor = AutoProcessor.from_pretrained(
+            args.model_name_or_path, num_crops=args.num_crops,
+            **({"resize_backend": args.resize_backend} if args.resize_backend else {}),
+        )
     # Before the model is loaded: bad data fails in seconds, on every rank alike.
     train_records, val_records, train_lengths = load_data(args, processor, is_main, log)
     image_dir = Path(args.data_dir) / IMAGE_DIR

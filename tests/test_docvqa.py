@@ -414,7 +414,7 @@ def test_full_train_cauldron_deepspeed(tiny_model_dir, data, tmp_path, run_scrip
     proc = run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--full_train",
                       "--full_train_dataset_path", data["cauldron"], "--freeze_vision_model", "--batch_size", 2,
                       "--num_crops", 1, "--max_steps", 2, "--learning_rate", 1e-3, "--eval_steps", 1,
-                      "--max_eval_loss_samples", 2, env=ONE_THREAD)
+                      "--max_eval_loss_samples", 2, "--resize_backend", "torch", env=ONE_THREAD)
     assert "training rows: 4, evaluation rows: 4" in proc.stdout
     log = read_json(out / "log_history.json")
     assert sorted(losses(log)) == [1, 2] and all(math.isfinite(v) for v in losses(log).values())
@@ -431,7 +431,8 @@ def test_full_train_cauldron_deepspeed(tiny_model_dir, data, tmp_path, run_scrip
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     trained = AutoModelForCausalLM.from_pretrained(out)
-    assert AutoProcessor.from_pretrained(out).image_processor.num_crops == 1
+    saved_processor = AutoProcessor.from_pretrained(out).image_processor
+    assert saved_processor.num_crops == 1 and saved_processor.resize_backend == "torch"  # saved with the model
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trained_params, base_params = dict(trained.named_parameters()), dict(base.named_parameters())
     vision = [n for n in base_params if ".vision_embed_tokens." in n]

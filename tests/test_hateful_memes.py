@@ -292,7 +292,7 @@ def test_full_finetune_deepspeed_two_processes(script, run_script, tiny_model_di
 
     out = tmp_path / "full"
     proc = run_script(SCRIPT, *common_args(tiny_model_dir, memes_dir, out, "--batch_size", 2, "--max_steps", 2,
-                                           "--num_crops", 1), nproc=2)
+                                           "--num_crops", 1, "--resize_backend", "torch"), nproc=2)
     assert "full fine-tuning, DeepSpeed on, world size 2" in proc.stdout
 
     check_eval_file(out / "eval_before.json")
@@ -306,7 +306,8 @@ def test_full_finetune_deepspeed_two_processes(script, run_script, tiny_model_di
 
     model = AutoModelForCausalLM.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
-    assert processor.num_crops == 1  # the training setting is saved with the model
+    assert processor.num_crops == 1  # the training settings are saved with the model
+    assert processor.image_processor.resize_backend == "torch"
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     trained = model.state_dict()
     assert trained.keys() == initial.keys()

@@ -235,7 +235,7 @@ def test_full_finetune_frozen_vision_zero2(tiny_model_dir, nlvr2_dir, run_script
 
     out = tmp_path / "out"
     proc = run_script(SCRIPT, *common_args(tiny_model_dir, nlvr2_dir, out), "--freeze_vision_model",
-                      "--batch_size_per_gpu", 2, "--max_steps", 2, nproc="single")
+                      "--batch_size_per_gpu", 2, "--max_steps", 2, "--resize_backend", "torch", nproc="single")
     log = proc.stdout
     assert "setup: full fine-tuning | DeepSpeed ZeRO-2 | world size 1 x micro batch 2 x accumulation 1" in log
     assert "vision frozen" in log
@@ -255,6 +255,7 @@ def test_full_finetune_frozen_vision_zero2(tiny_model_dir, nlvr2_dir, run_script
 
     model = AutoModelForCausalLM.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out, num_crops=1)
+    assert processor.image_processor.resize_backend == "torch"  # --resize_backend is saved with the model
     prompt = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": "<|image_1|><|image_2|>\nAre both images red?"}], tokenize=False,
         add_generation_prompt=True)

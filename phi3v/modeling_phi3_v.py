@@ -31,9 +31,10 @@ Differences from the official remote code, none of which changes a number:
 * A training step on a batch without images still touches the vision tower (x0), so distributed
   runs where only some ranks see images do not hang; under DeepSpeed ZeRO-3 every forward does.
 * Padding-free packing (`phi3v.pack_examples`): several samples in one row, `position_ids`
-  restarting at each sample and no `attention_mask`. transformers' mask builders (sdpa, eager) keep
-  attention inside each sample, and flash_attention_2 runs its varlen kernel with `cu_seqlens`
-  taken from the restarts. Each sample gives what it gives alone.
+  restarting at each sample, `cu_seq_lens_q/k` at the boundaries and no `attention_mask`.
+  flash_attention_2 runs its varlen kernel; sdpa runs each sample's own causal attention
+  (`phi3v.packing.segment_sdpa_attention`); eager gets transformers' block-diagonal mask built
+  from the position restarts. Each sample gives what it gives alone.
 """
 
 from __future__ import annotations

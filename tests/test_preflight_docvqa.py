@@ -6,22 +6,22 @@ script's main() in-process (it validates before any model is loaded, so a case t
 each must exit 1 with one report naming the bad row and its reason, and leave nothing trained. Then
 the real script as a subprocess: all defects at once (one report listing every one, no traceback);
 and unusual but valid pages (CMYK, palette with transparency, 16-bit grayscale, RGBA, EXIF-rotated,
-3x3, very wide) that must pass and train, next to bad rows that --skip_invalid drops and lists.
+3x3, very wide, gray with alpha) that must pass and train, next to bad rows that --skip_invalid drops and lists.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
+
+from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_docvqa.py"
@@ -39,16 +39,10 @@ def script():
     del sys.modules[spec.name]
 
 
-def png(image: Image.Image, **save) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=save.pop("format", "PNG"), **save)
-    return buffer.getvalue()
-
-
 def page(word: str, size=(120, 80)) -> bytes:
     image = Image.new("RGB", size, "white")
     ImageDraw.Draw(image).text((10, size[1] // 2 - 6), word, fill="black")
-    return png(image)
+    return encode(image)
 
 
 def mini_row(i: int, split: str = "train", **changes) -> dict:
@@ -93,22 +87,9 @@ def base_args(tiny_model_dir, data: dict, out: Path, num_crops: int = 1) -> list
     return [str(a) for a in args]
 
 
-def truncated_jpeg() -> bytes:
-    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-    data = png(Image.fromarray(noise), format="JPEG", quality=90)
-    return data[: len(data) // 2]
-
-
 # ------------------------------------------------------------------------------------------
 # Bad arguments
 # ------------------------------------------------------------------------------------------
-
-
-def parse_error(script, capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        script.parse_args([str(a) for a in argv])
-    assert exit_info.value.code == 2  # argparse's usage error, not a crash
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -189,7 +170,7 @@ CASES = {
                      "train row 1 (id tr1)", "not an image PIL can read"),
     "truncated jpeg": ([mini_row(0), mini_row(1, image={"bytes": truncated_jpeg(), "path": None})], None, None,
                        "train row 1 (id tr1)", "corrupt or truncated image"),
-    "1-pixel image": ([mini_row(0), mini_row(1, image={"bytes": png(Image.new("RGB", (1, 40))), "path": None})],
+    "1-pixel image": ([mini_row(0), mini_row(1, image={"bytes": encode(Image.new("RGB", (1, 40))), "path": None})],
                       None, None, "train row 1 (id tr1)", "image is 1x40 pixels"),
     "empty question": ([mini_row(0), mini_row(1, query={"en": "  ", "de": "x"})], None, None,
                        "train row 1 (id tr1)", "empty or missing question (query['en'])"),
@@ -265,49 +246,29 @@ def test_all_defects_in_one_report(tiny_model_dir, tmp_path, run_script):
     assert not (out / "log_history.json").exists() and not (out / "eval_before.json").exists()
 
 
-def unusual_pages() -> dict[str, bytes]:
-    """Valid pages in modes and shapes that need converting; each keeps the word legible."""
-    base = Image.open(io.BytesIO(page("cat", (90, 60)))).convert("RGB")
-    palette = base.convert("P", palette=Image.ADAPTIVE, colors=8)
-    palette.info["transparency"] = 0
-    sixteen = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)  # mode I;16
-    rgba = base.convert("RGBA")
-    rgba.putalpha(128)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotated 90 degrees: stored 90x60, shown 60x90
-    return {
-        "cmyk": png(base.convert("CMYK"), format="JPEG"),
-        "palette": png(palette),
-        "16-bit": png(sixteen),
-        "rgba": png(rgba),
-        "exif": png(base, format="JPEG", exif=exif.tobytes()),
-        "3x3": png(base.resize((3, 3))),
-        "wide": png(base.resize((1500, 20))),
-    }
-
-
 def test_unusual_pages_train_and_skip_invalid(tiny_model_dir, tmp_path, run_script):
     """Unusual but valid pages pass the preflight, train and are evaluated; --skip_invalid drops exactly the
     bad rows, lists them in skipped_rows.jsonl and trains on the rest."""
-    pages = unusual_pages()
-    good = [mini_row(i, image={"bytes": data, "path": None}) for i, data in enumerate(pages.values())]
+    pages = [image.data for image in unusual_images().values()]
+    n = len(pages)
+    good = [mini_row(i, image={"bytes": data, "path": None}) for i, data in enumerate(pages)]
     bad = [mini_row(0, image=None), mini_row(1, answers=[""])]
     train = [dict(row, id=f"tr{i}") for i, row in enumerate(good[:4] + bad[:1] + good[4:] + bad[1:])]
-    test = [mini_row(i, "test", image={"bytes": data, "path": None}) for i, data in enumerate(pages.values())]
+    test = [mini_row(i, "test", image={"bytes": data, "path": None}) for i, data in enumerate(pages)]
     data = write_data(tmp_path, train=train, test=test)
     out = tmp_path / "out"
-    proc = run_script(SCRIPT, *base_args(tiny_model_dir, data, out), "--skip_invalid", "--batch_size", 7,
-                      "--batch_size_per_gpu", 7, "--max_steps", 1, "--logging_steps", 1, "--eval_batch_size", 7,
+    proc = run_script(SCRIPT, *base_args(tiny_model_dir, data, out), "--skip_invalid", "--batch_size", n,
+                      "--batch_size_per_gpu", n, "--max_steps", 1, "--logging_steps", 1, "--eval_batch_size", n,
                       env=ONE_THREAD)
-    assert "preflight: 7 training and 7 evaluation rows valid" in proc.stdout
+    assert f"preflight: {n} training and {n} evaluation rows valid" in proc.stdout
     skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert skipped == [{"where": "train row 4 (id tr4)", "reason": "image is missing (null)"},
-                       {"where": "train row 8 (id tr8)", "reason": "empty or missing answer (answers[0])"}]
+                       {"where": f"train row {n + 1} (id tr{n + 1})", "reason": "empty or missing answer (answers[0])"}]
     history = json.loads((out / "log_history.json").read_text())
     (step,) = [h for h in history if "loss" in h]
-    assert step["loss"] > 0 and step["num_input_tokens_seen"] > 7 * 313  # all 7 valid pages in the one step
+    assert step["loss"] > 0 and step["num_input_tokens_seen"] > n * 313  # all valid pages in the one step
     after = json.loads((out / "eval_after.json").read_text())
-    assert after["num_samples"] == 7
+    assert after["num_samples"] == n
 
 
 def test_parallel_check_matches_serial(script, tiny_model_dir, tmp_path):

@@ -8,7 +8,6 @@ exit non-zero with one report naming every bad row, without a traceback, before 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"
@@ -36,13 +37,6 @@ def script():
 # ------------------------------------------------------------------------------------------
 # Bad arguments
 # ------------------------------------------------------------------------------------------
-
-
-def parse_error(script, capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        script.parse_args([str(a) for a in argv])
-    assert exit_info.value.code == 2  # argparse's usage error, not a crash
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -140,46 +134,14 @@ def test_unfinished_output_dir_resumes(script, tmp_path):
 EVAL_SIZE = 2  # rows 0-1 are held out, rows 2.. are training rows
 
 
-def png_bytes(image, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=save_args.pop("format", "PNG"), **save_args)
-    return buffer.getvalue()
-
-
 def good_image(i) -> dict:
     colour = ["red", "green", "blue", "yellow"][i % 4]
-    return {"bytes": png_bytes(Image.new("RGB", (48 + 8 * (i % 3), 40), colour)), "path": None}
+    return {"bytes": encode(Image.new("RGB", (48 + 8 * (i % 3), 40), colour)), "path": None}
 
 
 def good_row(i) -> dict:
     return {"images": [good_image(i)],
             "texts": [{"user": "Is this meme hateful?", "assistant": "Yes" if i % 2 else "No", "source": "hm"}]}
-
-
-def truncated_jpeg() -> bytes:
-    data = png_bytes(Image.effect_noise((64, 64), 60).convert("RGB"), format="JPEG", quality=90)
-    return data[: len(data) // 2]
-
-
-def exif_rotated_jpeg() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90: the model sees it 40 wide, 90 high
-    return png_bytes(Image.new("RGB", (90, 40), "purple"), format="JPEG", exif=exif.tobytes())
-
-
-def unusual_images() -> dict[str, bytes]:
-    """Valid images in modes and shapes that a plain .convert("RGB") gets wrong or that break resizing."""
-    palette = Image.new("P", (40, 30), 1)
-    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    return {
-        "cmyk": png_bytes(Image.new("CMYK", (50, 40), (0, 255, 255, 0)), format="JPEG"),
-        "palette_transparent": png_bytes(palette, transparency=0),
-        "gray16": png_bytes(Image.new("I;16", (40, 40), 40000)),
-        "rgba": png_bytes(Image.new("RGBA", (40, 50), (0, 0, 255, 128))),
-        "exif_rotated": exif_rotated_jpeg(),
-        "tiny_3x3": png_bytes(Image.new("RGB", (3, 3), "white")),
-        "very_wide": png_bytes(Image.new("RGB", (600, 12), "orange")),
-    }
 
 
 def save_rows(rows: list[dict], path: Path) -> Path:
@@ -226,7 +188,7 @@ DEFECTS = [
     ("no_image", {"images": []}, (5,), [], "no image (the images list is empty)"),
     ("two_images", lambda i, _: {"images": [good_image(i), good_image(i + 1)]}, (5,), [],
      "2 images; this recipe trains on exactly one image per sample"),
-    ("image_1x1", {"images": [{"bytes": png_bytes(Image.new("RGB", (1, 1))), "path": None}]}, (5,), [],
+    ("image_1x1", {"images": [{"bytes": encode(Image.new("RGB", (1, 1))), "path": None}]}, (5,), [],
      "image is 1x1 pixels"),
     ("empty_user", texts(user="  "), (0, 5), [], "empty or missing user text (texts[0]['user'])"),
     ("empty_assistant", texts(assistant=""), (5,), [], "empty or missing assistant text (texts[0]['assistant'])"),
@@ -319,8 +281,9 @@ def test_unusual_images_lengths_match_collator(script, tiny_model_dir):
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=2)
     collate = script.TrainCollator(processor)
-    for name, data in unusual_images().items():
-        cell = {"bytes": data, "path": None}
+    unusual = unusual_images()
+    for name, image in unusual.items():
+        cell = {"bytes": image.data, "path": None}
         assert script.image_problem([cell]) is None, name
         row = {"images": [cell], **texts()}
         length, _ = script.sample_length(processor, cell, *script.first_turn(row))
@@ -328,7 +291,8 @@ def test_unusual_images_lengths_match_collator(script, tiny_model_dir):
         assert batch["input_ids"].shape == (1, length), name
         assert torch.isfinite(batch["pixel_values"]).all() and batch["pixel_values"].abs().sum() > 0, name
     # The rotated photo is seen upright (40 wide, 90 high): its crops follow the rotated shape.
-    rotated = collate([{"images": [{"bytes": exif_rotated_jpeg(), "path": None}], **texts()}])
+    assert unusual["exif_rotated.jpg"].size == (40, 90)
+    rotated = collate([{"images": [{"bytes": unusual["exif_rotated.jpg"].data, "path": None}], **texts()}])
     assert rotated["image_sizes"].tolist() == [[672, 336]]  # (height, width) of the HD canvas
 
 
@@ -336,7 +300,7 @@ def test_skip_invalid_trains_on_the_rest(run_script, tiny_model_dir, tmp_path):
     """--skip_invalid: the bad rows (train and held-out) are listed and dropped, the unusual-but-valid
     images all pass the preflight and are trained on in one batch."""
     rows = [good_row(0), {**good_row(1), **texts(user="")}]  # held out: row 1 is bad
-    rows += [{"images": [{"bytes": data, "path": None}], **texts(assistant="Yes")} for data in unusual_images().values()]
+    rows += [{"images": [{"bytes": image.data, "path": None}], **texts(assistant="Yes")} for image in unusual_images().values()]
     rows.insert(4, {**good_row(4), "images": [{"bytes": truncated_jpeg(), "path": None}]})
     rows.append({**good_row(9), **texts(user="Is this meme hateful? " * 120)})
     data = save_rows(rows, tmp_path / "data")

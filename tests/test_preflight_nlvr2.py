@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import tempfile
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
 
 SCRIPT = "finetune_hf_trainer_nlvr2.py"
 
@@ -66,10 +66,7 @@ def test_bad_arguments(script, monkeypatch, capsys, tmp_path, argv, env, message
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit) as exit_info:
-        script.parse_args([*argv, "--output_dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in parse_error(script, capsys, [*argv, "--output_dir", tmp_path / "out"])
 
 
 def test_good_arguments(script, tmp_path):
@@ -93,9 +90,8 @@ def test_dataset_path_without_expected_files(script, capsys, tmp_path, layout, m
     elif layout == "json_file":
         path = tmp_path / "data.json"
         path.write_text("{}")
-    with pytest.raises(SystemExit):
-        script.parse_args(["--dataset_path", str(path), "--output_dir", str(tmp_path / "out")])
-    assert f"--dataset_path {path}: {message}" in capsys.readouterr().err
+    err = parse_error(script, capsys, ["--dataset_path", path, "--output_dir", tmp_path / "out"])
+    assert f"--dataset_path {path}: {message}" in err
 
 
 @pytest.mark.parametrize("finished_file", ["eval_after.json", "model.safetensors", "adapter_config.json"])
@@ -104,16 +100,13 @@ def test_output_dir_with_finished_run(script, capsys, tmp_path, finished_file):
     out.mkdir()
     (out / "eval_before.json").write_text("{}")
     (out / finished_file).write_text("{}")
-    with pytest.raises(SystemExit):
-        script.parse_args(["--output_dir", str(out)])
-    err = capsys.readouterr().err
+    err = parse_error(script, capsys, ["--output_dir", out])
     assert f"--output_dir {out} already holds a finished run ({finished_file})" in err
     assert "--overwrite_output_dir" in err
     # Resuming does not make a finished run writable either.
     write_checkpoint(out / "checkpoint-2", 2)
-    with pytest.raises(SystemExit):
-        script.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-2")])
-    assert "already holds a finished run" in capsys.readouterr().err
+    err = parse_error(script, capsys, ["--output_dir", out, "--resume_from_checkpoint", out / "checkpoint-2"])
+    assert "already holds a finished run" in err
 
     args = script.parse_args(["--output_dir", str(out), "--overwrite_output_dir"])
     assert args.overwrite_output_dir
@@ -134,10 +127,8 @@ def test_output_dir_with_checkpoints_of_unfinished_run(script, capsys, tmp_path)
     out = tmp_path / "out"
     write_checkpoint(out / "checkpoint-4", 4)
     (out / "eval_before.json").write_text("{}")  # written before training: not a finished run
-    with pytest.raises(SystemExit):
-        script.parse_args(["--output_dir", str(out)])
-    assert "holds checkpoints of an unfinished run (checkpoint-4); pass --resume_from_checkpoint latest" in (
-        capsys.readouterr().err)
+    err = parse_error(script, capsys, ["--output_dir", out])
+    assert "holds checkpoints of an unfinished run (checkpoint-4); pass --resume_from_checkpoint latest" in err
     # 'latest' skips a newer checkpoint cut off by a kill while it was saved (no trainer_state.json).
     (out / "checkpoint-6").mkdir()
     (out / "checkpoint-6" / "model.safetensors").write_text("half written")
@@ -155,14 +146,8 @@ def test_output_dir_with_checkpoints_of_unfinished_run(script, capsys, tmp_path)
 NUM_EVAL = 2  # --eval_size: rows 0-1 are held out, the rest are training rows
 
 
-def encoded(image, fmt="PNG", **save_args):
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save_args)
-    return buffer.getvalue()
-
-
 def picture(width=64, height=48, colour=(200, 30, 30)):
-    return {"bytes": encoded(Image.new("RGB", (width, height), colour)), "path": None}
+    return {"bytes": encode(Image.new("RGB", (width, height), colour)), "path": None}
 
 
 def good_row(question="Are both images red?", answer="True"):
@@ -213,9 +198,8 @@ def set_turn(**fields):
     return change
 
 
-def truncated_jpeg():
-    data = encoded(Image.effect_noise((64, 64), 60).convert("RGB"), "JPEG", quality=90)
-    return {"bytes": data[: len(data) // 2], "path": None}
+def truncated_jpeg_cell():
+    return {"bytes": truncated_jpeg(), "path": None}
 
 
 # Stored by path only (bytes None), and gone by the time of the run.
@@ -229,7 +213,7 @@ BAD_DATA = [
     ("missing_image_file", lambda: with_defect(2, set_image(0, {"bytes": None, "path": str(MOVED_IMAGE)})),
      "parquet_by_path", [],
      f"image 1: image file not found: {MOVED_IMAGE}", "part-0.parquet row 2 (train)"),
-    ("truncated_jpeg", lambda: with_defect(5, set_image(1, truncated_jpeg())), "disk", [],
+    ("truncated_jpeg", lambda: with_defect(5, set_image(1, truncated_jpeg_cell())), "disk", [],
      "image 2: corrupt or truncated image", "row 5 (train)"),
     ("not_an_image", lambda: with_defect(1, set_image(0, {"bytes": b"<html>404 not found</html>", "path": None})),
      "disk", [],
@@ -293,39 +277,15 @@ def test_unreadable_dataset_stops_before_training(tiny_model_dir, run_script, tm
     assert message in proc.stdout
 
 
-def unusual_images():
-    """Valid images that are easy to get wrong: each must pass the preflight and train."""
-    import numpy as np
-
-    palette = Image.new("P", (50, 40))
-    palette.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
-    palette.paste(1, (10, 10, 40, 30))
-    rgba = Image.new("RGBA", (48, 48), (200, 30, 30, 128))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees: stored 40x80, seen 80x40
-    gray16 = Image.fromarray(np.linspace(0, 60000, 40 * 30, dtype=np.uint16).reshape(30, 40))
-    assert gray16.mode.startswith("I;16")
-    return {
-        "cmyk_jpeg": encoded(Image.new("CMYK", (64, 48), (0, 200, 200, 0)), "JPEG"),
-        "palette_transparency": encoded(palette, "PNG", transparency=0),
-        "gray16_png": encoded(gray16, "PNG"),
-        "rgba_png": encoded(rgba, "PNG"),
-        "exif_rotated_jpeg": encoded(Image.new("RGB", (40, 80), (30, 200, 30)), "JPEG", exif=exif.tobytes()),
-        "tiny_3x3": encoded(Image.new("RGB", (3, 3), (200, 30, 30)), "PNG"),
-        "very_wide": encoded(Image.new("RGB", (1600, 12), (30, 30, 200)), "PNG"),
-        "gray_alpha": encoded(Image.new("LA", (30, 60), (90, 100)), "PNG"),
-    }
-
-
 def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run_script, tmp_path):
     """--skip_invalid: bad rows (eval and train) are listed in skipped_rows.jsonl and left out; the unusual
     but valid images pass the preflight and go through the collator and generation (one step sees all)."""
     unusual = unusual_images()
     valid_train = [good_row() for _ in unusual]
-    for row, data in zip(valid_train, unusual.values()):
-        row["images"][0] = {"bytes": data, "path": None}
+    for row, image in zip(valid_train, unusual.values()):
+        row["images"][0] = {"bytes": image.data, "path": None}
     eval_rows = [good_row(), good_row()]
-    eval_rows[0]["images"][1] = {"bytes": unusual["cmyk_jpeg"], "path": None}
+    eval_rows[0]["images"][1] = {"bytes": unusual["cmyk.jpg"].data, "path": None}
     eval_rows[1]["images"][1] = None
     bad_train = [good_row() for _ in range(4)]
     bad_train[0]["images"].append(picture())

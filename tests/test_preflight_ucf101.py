@@ -7,7 +7,6 @@ loaded: exit status 1, one report naming the file, line and reason, no traceback
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 import finetune_hf_trainer_ucf101 as recipe
+from preflight_helpers import parse_error, truncated_jpeg, unusual_images
 
 SCRIPT = "finetune_hf_trainer_ucf101.py"
 PROMPT = "Classify the video into one of the following classes: Archery, BabyCrawling."
@@ -56,9 +56,7 @@ def first_frame(root: Path, record: dict) -> Path:
 
 
 def truncate(path: Path):
-    data = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data, "JPEG")
-    path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    path.write_bytes(truncated_jpeg())
 
 
 def turn(record: dict) -> dict:
@@ -193,24 +191,12 @@ def test_all_bad_lines_in_one_report(tiny_model_dir, tmp_path, run_script):
 
 
 def unusual_frames(root: Path) -> list[str]:
-    """Frames PIL opens in other modes and shapes; all must load the same way everywhere and train."""
+    """The shared unusual but valid images as frame files of one clip; all must load the same way and train."""
     folder = root / "images" / "train" / "Archery"
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    rgb = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
-    rgb.convert("CMYK").save(folder / "cmyk.jpg")
-    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    palette.info["transparency"] = 0
-    palette.save(folder / "palette.png", transparency=0)
-    Image.fromarray((rng.integers(0, 65536, (24, 32))).astype(np.uint16)).save(folder / "gray16.png")
-    rgb.convert("RGBA").save(folder / "rgba.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotated 90 degrees: width and height swap
-    rgb.save(folder / "exif_rotated.jpg", exif=exif)
-    rgb.resize((3, 3)).save(folder / "tiny.png")
-    rgb.resize((400, 12)).save(folder / "wide.png")
-    return [f"train/Archery/{p}" for p in
-            ("cmyk.jpg", "palette.png", "gray16.png", "rgba.png", "exif_rotated.jpg", "tiny.png", "wide.png")]  # fmt: skip
+    for name, image in unusual_images().items():
+        (folder / name).write_bytes(image.data)
+    return [f"train/Archery/{name}" for name in unusual_images()]
 
 
 def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
@@ -218,7 +204,7 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     train, val = good_dataset(root, num_train=1, num_val=1)
     rels = unusual_frames(root)
     modes = [Image.open(root / "images" / rel).mode for rel in rels]
-    assert modes == ["CMYK", "P", "I;16", "RGBA", "RGB", "RGB", "RGB"]
+    assert modes == ["CMYK", "P", "I;16", "RGBA", "RGB", "RGB", "RGB", "LA"]
     conversations = [{"images": rels, "user": PROMPT, "assistant": "Archery"}]
     train.append({"id": "train-0000000005", "conversations": conversations})
     write_dataset(root, train, val)
@@ -228,8 +214,10 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     history = json.loads((output_dir / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1]
     assert not (output_dir / "invalid_rows.jsonl").exists() and not (output_dir / "skipped_rows.jsonl").exists()
-    # The collator sees what the preflight checked: EXIF-rotated frames come out upright (24 wide).
-    assert recipe.load_image(root / "images" / rels[4]).size == (24, 32)
+    # The collator sees what the preflight checked: EXIF-rotated frames come out upright (40 wide).
+    assert rels[4].endswith("exif_rotated.jpg") and recipe.load_image(root / "images" / rels[4]).size == (40, 90)
+    sizes = [recipe.load_image(root / "images" / rel).size for rel in rels]
+    assert sizes == [image.size for image in unusual_images().values()]
 
 
 def test_skip_invalid(tiny_model_dir, tmp_path, run_script):
@@ -278,25 +266,18 @@ def data_dir(tmp_path) -> Path:
     return write_dataset(root, *good_dataset(root, num_train=1, num_val=1))
 
 
-def parse_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        recipe.parse_args(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
 def test_qlora_without_bitsandbytes(data_dir, capsys, monkeypatch):
     real_find_spec = recipe.importlib.util.find_spec
     monkeypatch.setattr(
         recipe.importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name)
     )
-    err = parse_error(["--data_dir", str(data_dir), "--use_qlora"], capsys)
+    err = parse_error(recipe, capsys, ["--data_dir", str(data_dir), "--use_qlora"])
     assert "--use_qlora needs the bitsandbytes package" in err
 
 
 def test_batch_size_world_size(data_dir, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    err = parse_error(["--data_dir", str(data_dir), "--batch_size", "6", "--batch_size_per_gpu", "2"], capsys)
+    err = parse_error(recipe, capsys, ["--data_dir", str(data_dir), "--batch_size", "6", "--batch_size_per_gpu", "2"])
     assert "--batch_size 6 must be a multiple of world size 2 x --batch_size_per_gpu 2" in err
     args = recipe.parse_args(["--data_dir", str(data_dir), "--batch_size", "8", "--batch_size_per_gpu", "2"])
     assert args.batch_size == 8
@@ -307,7 +288,7 @@ def test_output_dir_of_a_finished_run(data_dir, tmp_path, capsys):
     output_dir.mkdir()
     (output_dir / "eval_after.json").write_text("{}")
     argv = ["--data_dir", str(data_dir), "--output_dir", str(output_dir)]
-    err = parse_error(argv, capsys)
+    err = parse_error(recipe, capsys, argv)
     assert f"--output_dir {output_dir} already holds a finished run (eval_after.json)" in err
     assert "--overwrite_output_dir" in err
     recipe.parse_args([*argv, "--overwrite_output_dir"])
@@ -320,7 +301,7 @@ def test_output_dir_with_checkpoints(data_dir, tmp_path, capsys):
     output_dir = tmp_path / "out"
     (output_dir / "checkpoint-2").mkdir(parents=True)
     argv = ["--data_dir", str(data_dir), "--output_dir", str(output_dir)]
-    err = parse_error(argv, capsys)
+    err = parse_error(recipe, capsys, argv)
     assert "holds checkpoints of an unfinished run (checkpoint-2)" in err and "--resume_from_checkpoint latest" in err
     assert recipe.parse_args([*argv, "--resume_from_checkpoint", "latest"]).resume_from_checkpoint == "latest"
     recipe.parse_args([*argv, "--overwrite_output_dir"])

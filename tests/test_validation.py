@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -10,12 +9,7 @@ import pytest
 from PIL import Image
 
 from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
+from preflight_helpers import encode
 
 
 def half_red_half_blue(width=40, height=20) -> Image.Image:

@@ -64,3 +64,22 @@ def truncated_jpeg() -> bytes:
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     data = encode(Image.fromarray(noise), "JPEG", quality=90)
     return data[: len(data) // 2]
+
+
+def fake_environment(monkeypatch, script, fake: dict):
+    """Pretend, for `script.parse_args`, a world size, a CUDA GPU or not and optional packages installed or not:
+    fake = {"WORLD_SIZE": "2", "cuda": bool, "flash_attn": bool, "bitsandbytes": bool}; a package left out
+    stays as it really is, WORLD_SIZE left out means a single process."""
+    if "WORLD_SIZE" in fake:
+        monkeypatch.setenv("WORLD_SIZE", fake["WORLD_SIZE"])
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if "cuda" in fake:
+        monkeypatch.setattr(script.torch.cuda, "is_available", lambda: fake["cuda"])
+    missing = {name for name in ("flash_attn", "bitsandbytes") if fake.get(name) is False}
+    present = {name for name in ("flash_attn", "bitsandbytes") if fake.get(name) is True}
+    find_spec = script.importlib.util.find_spec
+    monkeypatch.setattr(script.importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else object() if name in present else find_spec(name, *a))
+    if "flash_attn" in fake and hasattr(script, "is_flash_attn_2_available"):  # scripts that ask transformers
+        monkeypatch.setattr(script, "is_flash_attn_2_available", lambda: fake["flash_attn"])

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
+from preflight_helpers import encode, fake_environment, parse_error, truncated_jpeg, unusual_images
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_docvqa.py"
@@ -108,17 +108,7 @@ def base_args(tiny_model_dir, data: dict, out: Path, num_crops: int = 1) -> list
 )
 def test_bad_arguments(script, monkeypatch, capsys, tmp_path, argv, fake, message):
     """Each bad flag combination fails at parse time with its own message."""
-    if "WORLD_SIZE" in fake:
-        monkeypatch.setenv("WORLD_SIZE", fake["WORLD_SIZE"])
-    else:
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
-    if "cuda" in fake:
-        monkeypatch.setattr(script.torch.cuda, "is_available", lambda: fake["cuda"])
-    missing = {name for name in ("flash_attn", "bitsandbytes") if fake.get(name) is False}
-    present = {name for name in ("flash_attn", "bitsandbytes") if fake.get(name) is True}
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(script.importlib.util, "find_spec",
-                        lambda name, *a: None if name in missing else object() if name in present else find_spec(name, *a))
+    fake_environment(monkeypatch, script, fake)
     assert message in parse_error(script, capsys, [*argv, "--output_dir", tmp_path / "out"])
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
+from preflight_helpers import encode, fake_environment, parse_error, truncated_jpeg, unusual_images
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"
@@ -57,18 +57,7 @@ def script():
 )
 def test_bad_arguments(script, monkeypatch, capsys, tmp_path, argv, fake, message):
     """Each bad flag combination fails at parse time with its own message (GPU/packages faked)."""
-    if "WORLD_SIZE" in fake:
-        monkeypatch.setenv("WORLD_SIZE", fake["WORLD_SIZE"])
-    else:
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
-    if "cuda" in fake:
-        monkeypatch.setattr(script.torch.cuda, "is_available", lambda: fake["cuda"])
-    if "flash_attn" in fake:
-        monkeypatch.setattr(script, "is_flash_attn_2_available", lambda: fake["flash_attn"])
-    if "bitsandbytes" in fake:
-        find_spec = importlib.util.find_spec
-        monkeypatch.setattr(script.importlib.util, "find_spec",
-                            lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    fake_environment(monkeypatch, script, fake)
     assert message in parse_error(script, capsys, [*argv, "--output_dir", tmp_path / "out"])
 
 

@@ -25,6 +25,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread in this process for a module that trains in-process: the tiny model's ops are
+    too small to share, and on a busy 2-core machine a second thread makes steps many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """`python -m phi3v.tiny` output (num_crops 4 in preprocessor_config.json)."""

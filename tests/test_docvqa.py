@@ -27,12 +27,7 @@ QUESTIONS = ["What word is written?", "Which word can be read in this picture of
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs: see conftest.one_thread
 
 
 def load_script():

@@ -17,7 +17,6 @@ import random
 
 import datasets
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 SCRIPT = "finetune_hf_trainer_docvqa.py"
@@ -42,12 +41,7 @@ FEATURES = datasets.Features(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs: see conftest.one_thread
 
 
 def render_word(word: str, rng: random.Random) -> Image.Image:

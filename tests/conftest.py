@@ -89,3 +89,25 @@ def run_script():
         return proc
 
     return run
+
+
+@pytest.fixture
+def drawn_figures(monkeypatch) -> dict:
+    """What every matplotlib figure saved during the test drew, by file name.
+
+    `drawn["loss_curve.png"]` maps each line's label to its [x, y] points (over all axes);
+    `drawn["loss_curve.png axes"]` lists each axis' (xlabel, ylabel). The files are written as usual.
+    """
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        name = Path(path).name
+        drawn[name] = {line.get_label(): line.get_xydata().tolist() for ax in fig.axes for line in ax.get_lines()}
+        drawn[name + " axes"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return drawn

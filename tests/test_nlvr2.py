@@ -166,21 +166,10 @@ def test_confusion_matrix():
     }
 
 
-def test_save_plots(tmp_path, monkeypatch):
+def test_save_plots(tmp_path, drawn_figures):
     """loss_curve.png draws the training loss, the held-out loss and the learning rate (second axis)."""
-    from matplotlib.figure import Figure
-
     module = load_script()
-    drawn = {}
-    savefig = Figure.savefig
-
-    def record(fig, path, *args, **kwargs):
-        drawn[Path(path).name] = {line.get_label(): line.get_xydata().tolist()
-                                  for ax in fig.axes for line in ax.get_lines()}
-        drawn[Path(path).name + " axes"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
-        return savefig(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", record)
+    drawn = drawn_figures
     history = [
         {"step": 1, "loss": 2.0, "learning_rate": 1e-3},
         {"step": 1, "eval_loss": 2.5},

@@ -179,6 +179,32 @@ def test_confusion_matrix():
     }
 
 
+def test_save_plots(tmp_path, drawn_figures):
+    """loss_curve.png draws the training loss, the held-out loss and the learning rate (second axis)."""
+    history = [
+        {"step": 1, "loss": 9.0, "learning_rate": 1e-2},
+        {"step": 2, "loss": 3.0, "learning_rate": 5e-3},
+        {"step": 2, "eval_loss": 4.0},
+        {"step": 3, "loss": 1.0, "learning_rate": 0.0},
+        {"step": 3, "train_runtime": 1.0, "train_loss": 4.3},
+    ]
+    eval_after = {"accuracy": 0.5, "confusion_matrix": recipe.confusion_matrix(["Archery", "x"], ["Archery", "Run"])}
+    recipe.save_plots(tmp_path, history, eval_after, print)
+    assert drawn_figures["loss_curve.png"] == {
+        "train loss": [[1, 9.0], [2, 3.0], [3, 1.0]],
+        "held-out loss": [[2, 4.0]],
+        "learning rate": [[1, 1e-2], [2, 5e-3], [3, 0.0]],
+    }
+    assert drawn_figures["loss_curve.png axes"] == [("step", "loss"), ("", "learning rate")]
+    for name in ("loss_curve.png", "confusion_matrix.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+
+    (tmp_path / "confusion_matrix.png").unlink()  # no evaluation: the loss curve only
+    recipe.save_plots(tmp_path, history[:1], None, print)
+    assert not (tmp_path / "confusion_matrix.png").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def sequential_batches(count: int, batch_size: int) -> list[list[int]]:
 
 
 def pad_collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-padded batch with attention_mask (the original collators' layout)."""
+    """Right-padded batch with attention_mask (the original collators' layout); text-only examples allowed."""
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id)
     labels = torch.full((len(examples), width), -100)
@@ -159,10 +159,9 @@ def pad_collate(examples: list[dict], pad_id: int) -> dict:
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e["input_ids"], e["labels"], 1
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
-        "image_sizes": torch.cat([e["image_sizes"] for e in examples]),
-    }
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    with_images = [e for e in examples if e.get("pixel_values") is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        batch["image_sizes"] = torch.cat([e["image_sizes"] for e in with_images])
+    return batch

@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import phi3v
+from bench.workloads import pad_collate
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 NUM_CROPS = 4
@@ -50,20 +51,6 @@ def examples(processor):
     return [wide, text, tall]
 
 
-def padded_batch(examples, pad_id):
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), -100)
-    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e["input_ids"], e["labels"], 1
-    with_images = [e for e in examples if "pixel_values" in e]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.cat([e["pixel_values"] for e in with_images]),
-            "image_sizes": torch.cat([e["image_sizes"] for e in with_images])}
-
-
 def loss_and_grads(model, batch, num_items_in_batch):
     model.zero_grad()
     loss = model(**batch, num_items_in_batch=num_items_in_batch).loss
@@ -91,7 +78,7 @@ def test_pack_examples_layout(examples):
 def test_packed_row_gives_the_loss_and_gradients_of_the_padded_batch(tiny_model_dir, processor, examples, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).train()
     num_items = sum(int(e["labels"][1:].ne(-100).sum()) for e in examples)
-    padded_loss, padded_grads = loss_and_grads(model, padded_batch(examples, processor.tokenizer.pad_token_id), num_items)
+    padded_loss, padded_grads = loss_and_grads(model, pad_collate(examples, processor.tokenizer.pad_token_id), num_items)
     packed_loss, packed_grads = loss_and_grads(model, phi3v.pack_examples(examples), num_items)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
     assert padded_grads.keys() == packed_grads.keys() and len(packed_grads) > 20

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import process_group
 from conftest import REPO, script_env
-from memes_data import write_memes_dataset
+from cauldron_data import write_memes_dataset
 
 import phi3v
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import process_group
 from conftest import REPO, free_port, script_env
-from memes_data import write_memes_dataset
+from cauldron_data import write_memes_dataset
 from mixed_batches_torchrun import EVAL_PLAN, PLAN
 
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"

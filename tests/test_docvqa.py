@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import cauldron_data
+
 SCRIPT = "finetune_hf_trainer_docvqa.py"
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "milk", "door"]
@@ -85,15 +87,7 @@ def data(tmp_path_factory):
     test = mini_split(TEST_WORDS, [(200, 100)] * 4)
     datasets.DatasetDict(train=train, test=test).save_to_disk(str(root / "mini"))
 
-    cauldron_features = datasets.Features(
-        {
-            "images": datasets.List(datasets.Image()),
-            "texts": datasets.List(
-                {"user": datasets.Value("string"), "assistant": datasets.Value("string"),
-                 "source": datasets.Value("string")}
-            ),
-        }
-    )
+    cauldron_features = cauldron_data.cauldron_features()
     cauldron = datasets.Dataset.from_dict(
         {
             "images": [[word_image(w, (200, 100))] for w in TRAIN_WORDS[:4]],

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from phi3v.validation import load_image
+from cauldron_data import cauldron_features
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"
@@ -51,12 +52,9 @@ def make_rows(n=12, seed=0):
 
 @pytest.fixture(scope="module")
 def memes_dataset():
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    from datasets import Dataset
 
-    features = Features({
-        "images": List(ImageFeature()),
-        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
-    })
+    features = cauldron_features()
     return Dataset.from_dict(make_rows(), features=features)
 
 

@@ -26,8 +26,9 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
+
+from cauldron_data import cauldron_features
 
 # Data and training seed. Held-out accuracy after training, seeds 0-4: hateful memes 16/16 each time;
 # NLVR2 16, 15, 16, 14, 15 of 16 (threshold 13). Before training: 0/16 everywhere.
@@ -81,12 +82,9 @@ def nlvr2_rows(n: int, rng: random.Random) -> dict:
 
 def save_dataset(make_rows, folder: Path, seed: int) -> Path:
     """the_cauldron layout; the first NUM_EVAL rows (the scripts' --eval_size) come from another seed."""
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    from datasets import Dataset
 
-    features = Features({
-        "images": List(ImageFeature()),
-        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
-    })
+    features = cauldron_features()
     held_out, train = make_rows(NUM_EVAL, random.Random(seed + 1000)), make_rows(NUM_TRAIN, random.Random(seed))
     rows = {key: held_out[key] + train[key] for key in held_out}
     Dataset.from_dict(rows, features=features).save_to_disk(str(folder))

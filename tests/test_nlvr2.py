@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from cauldron_data import cauldron_features
 
 SCRIPT = "finetune_hf_trainer_nlvr2.py"
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}
@@ -44,12 +45,9 @@ def make_rows():
 
 @pytest.fixture(scope="module")
 def nlvr2_dir(tmp_path_factory):
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    from datasets import Dataset
 
-    features = Features({
-        "images": List(ImageFeature()),
-        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
-    })
+    features = cauldron_features()
     rows = make_rows()
     data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("images", "texts")}, features=features)
     folder = tmp_path_factory.mktemp("nlvr2")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from preflight_helpers import encode, fake_environment, parse_error, truncated_jpeg, unusual_images
+from cauldron_data import cauldron_features
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_hateful_memes.py"
@@ -135,12 +136,9 @@ def good_row(i) -> dict:
 
 def save_rows(rows: list[dict], path: Path) -> Path:
     """A save_to_disk folder; a .parquet file if `path` ends so (written as is: image paths stay paths)."""
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    from datasets import Dataset
 
-    features = Features({
-        "images": List(ImageFeature()),
-        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
-    })
+    features = cauldron_features()
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -317,7 +315,6 @@ def test_skip_invalid_trains_on_the_rest(run_script, tiny_model_dir, tmp_path):
 
 def test_check_rows_in_worker_processes(script, tiny_model_dir, tmp_path):
     """--dataloader_num_workers > 0 decodes in a process pool: same verdicts, same order as serial."""
-    from datasets import Dataset
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import REPO
 from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
+from cauldron_data import cauldron_features
 
 SCRIPT = "finetune_hf_trainer_nlvr2.py"
 
@@ -157,12 +158,9 @@ def good_row(question="Are both images red?", answer="True"):
 
 def write_rows(folder, rows, form="disk", columns=("images", "texts")):
     """the_cauldron's nlvr2 layout (images: list of Image, texts: list of turns), as save_to_disk or parquet."""
-    from datasets import Dataset, Features, Image as ImageFeature, List, Value
+    from datasets import Dataset
 
-    features = Features({
-        "images": List(ImageFeature()),
-        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
-    })
+    features = cauldron_features()
     data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("images", "texts")}, features=features)
     if list(columns) != ["images", "texts"]:
         data = data.rename_columns(dict(zip(["images", "texts"], columns)))

@@ -1,10 +1,10 @@
 """Per-core image preprocessing speed: phi3v's image processor against the plain path.
 
 The plain path is the HD transform written step by step, as the original processor does it with
-torchvision: convert to RGB, PIL resize, paste onto a white canvas, to a float tensor, normalise,
-bicubic global crop, cut the crops, pad with zero slots, stack. phi3v's exact processor (the
-default, resize_backend="pil") gives the same numbers (checked here on every run) with fewer passes
-over the pixels; its fast one (resize_backend="torch") also swaps PIL's resize, which then dominates,
+torchvision: convert to RGB, turn a portrait image on its side, PIL resize, paste onto a white
+canvas, turn it back, to a float tensor, normalise, bicubic global crop, cut the crops, pad with
+zero slots, stack. phi3v's exact processor (the default, resize_backend="pil") gives the same
+numbers (checked here on every run) with fewer passes over the pixels; its fast one (resize_backend="torch") also swaps PIL's resize, which then dominates,
 for torch's uint8 antialiased resize, and its largest difference from the exact output is reported.
 
     python -m bench.preprocess --output results_preprocess.json
@@ -35,9 +35,15 @@ def plain_preprocess(images: list[Image.Image], num_crops: int) -> torch.Tensor:
     out = []
     for image in images:
         image = image.convert("RGB")
+        transposed = image.width < image.height
+        if transposed:  # the official order: PIL's two resize passes then run along these axes
+            image = image.transpose(Image.TRANSPOSE)
         new_w, new_h, padded_w, padded_h = hd_transform_size(image.width, image.height, num_crops)
         canvas = Image.new("RGB", (padded_w, padded_h), (255, 255, 255))
-        canvas.paste(image.resize((new_w, new_h), Image.BILINEAR), ((padded_w - new_w) // 2, (padded_h - new_h) // 2))
+        canvas.paste(image.resize((new_w, new_h), Image.BILINEAR), (0, (padded_h - new_h) // 2))
+        if transposed:
+            canvas = canvas.transpose(Image.TRANSPOSE)
+            padded_w, padded_h = padded_h, padded_w
         hd = (torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255 - mean) / std
         rows, cols = padded_h // CROP_SIZE, padded_w // CROP_SIZE
         global_crop = F.interpolate(hd[None], size=(CROP_SIZE, CROP_SIZE), mode="bicubic")
@@ -65,16 +71,20 @@ def cpu_seconds_per_call(fns: dict, repeats: int) -> dict:
 
 
 def measure(repeats: int = 15, quick: bool = False) -> list[dict]:
-    """Per-image cost of the paths on one thread, for a DocVQA page (RGB and grayscale) and a video frame.
+    """Per-image cost of the paths on one thread, for a portrait DocVQA page (RGB and grayscale), the
+    same page turned to landscape, and a video frame.
 
     Also times the two steps both paths share and neither can skip: decoding the page from PNG (not
-    in either path's time) and PIL's bilinear resize, which the output must match bit for bit; the
+    in either path's time) and PIL's bilinear resize as the exact processor runs it (in the official
+    pass order, see Phi3VImageProcessor.pil_resize), which the output must match bit for bit; the
     resize alone bounds the speed-up any exact path can reach (plain time / resize time)."""
     torch.set_num_threads(1)
     page = document_page(*((425, 550) if quick else (1700, 2200)), random.Random(0))
     cases = [
         ("DocVQA page 1700x2200 RGB" if not quick else "page 425x550 RGB", page, 16),
         ("DocVQA page 1700x2200 grayscale" if not quick else "page 425x550 grayscale", page.convert("L"), 16),
+        ("landscape page 2200x1700 RGB" if not quick else "landscape page 550x425 RGB",
+         page.transpose(Image.Transpose.ROTATE_90), 16),
         ("video frame 320x240 RGB", video_frame(0, 0, 320, 240), 4),
     ]
     processor, fast = Phi3VImageProcessor(), Phi3VImageProcessor(resize_backend="torch")
@@ -91,7 +101,7 @@ def measure(repeats: int = 15, quick: bool = False) -> list[dict]:
             "plain": lambda: plain_preprocess([image], num_crops),
             "phi3v": lambda: processor([image], num_crops=num_crops),
             "phi3v_fast": lambda: fast([image], num_crops=num_crops),
-            "resize": lambda: image.resize((new_w, new_h), Image.BILINEAR),
+            "resize": lambda: processor.pil_resize(image, new_w, new_h),
             "torch_resize": lambda: fast.torch_resize(image, new_w, new_h),
             "decode": lambda: Image.open(io.BytesIO(png)).load(),
         }, repeats)

@@ -314,12 +314,14 @@ def markdown(meta: dict, results: list[dict], preprocess: list[dict] | None) -> 
                 table(["image", "num_crops", "plain path ms", "exact ms", "exact img/s/core", "x", "exact max abs diff",
                        "fast ms", "fast img/s/core", "x", "fast max abs diff vs exact (share differing)",
                        "PIL resize ms", "torch resize ms", "x bound exact", "PNG decode ms"], rows), "",
-                "x: plain path time / phi3v time. PIL resize: the bilinear resize the plain path and the exact "
-                "processor run, whose output the exact one matches bit for bit (max abs diff against the plain path); "
-                "x bound exact = plain / PIL resize, the most any exact path can gain. The fast processor resizes with "
-                "torch's uint8 antialiased bilinear instead (PIL's kernel, fixed point, its own rounding): one uint8 "
-                "level apart on the share of values shown, 1/255/std = 0.015 after normalising (bicubic global crop: up "
-                "to 0.021). PNG decode: not in any path's time.", ""]
+                "x: plain path time / phi3v time. The plain path is the official order (a portrait page is turned, "
+                "resized, padded and turned back); PIL resize: the exact processor's bilinear resize, the same two "
+                "passes in the same order without turning (two single-axis resizes for a portrait page), whose output "
+                "it matches bit for bit (max abs diff against the plain path); x bound exact = plain / PIL resize, the "
+                "most any exact path can gain. The fast processor resizes with torch's uint8 antialiased bilinear "
+                "instead, in the same pass order (PIL's kernel, fixed point, its own rounding): one uint8 level apart "
+                "on the share of values shown, 1/255/std = 0.015 after normalising (bicubic global crop: at most "
+                "1.375^2 levels, 0.028). PNG decode: not in any path's time.", ""]
     return "\n".join(out)
 
 

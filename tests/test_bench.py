@@ -95,20 +95,24 @@ def test_targets_fail_when_ours_is_not_better():
     assert status(rows, "preprocessing page, num_crops 16: >= 2x") == "FAIL"
 
 
-def test_image_processor_is_bit_identical_to_the_plain_path():
-    """Odd offsets (odd padding), both orientations, grayscale and RGBA pages, several num_crops."""
+def test_plain_path_is_the_official_preprocessing():
+    """The benchmark's baseline path is the official processor's algorithm (the reference test's copy),
+    portrait pages included, so its times and the exact processor's max abs diff of 0 against it hold."""
     import random
+
+    from PIL import Image
 
     from bench.preprocess import plain_preprocess
     from bench.workloads import document_page
-    from phi3v.processing_phi3_v import Phi3VImageProcessor
+    from test_preprocessing_reference import official_preprocess
 
-    processor, rng = Phi3VImageProcessor(), random.Random(3)
+    rng = random.Random(3)
     for (width, height), mode, num_crops in [((401, 613), "RGB", 16), ((613, 401), "L", 4), ((337, 335), "RGBA", 1),
                                              ((500, 509), "RGB", 9), ((90, 700), "P", 16)]:
         image = document_page(width, height, rng).convert(mode)
-        ours = processor([image], num_crops=num_crops)["pixel_values"]
-        assert torch.equal(ours, plain_preprocess([image], num_crops)), (width, height, mode, num_crops)
+        assert torch.equal(plain_preprocess([image], num_crops), official_preprocess([image], num_crops)[0])
+    noise = Image.frombytes("RGB", (150, 320), random.Random(4).randbytes(150 * 320 * 3))  # portrait
+    assert torch.equal(plain_preprocess([noise], 16), official_preprocess([noise], 16)[0])
 
 
 def test_baseline_costs_change_no_number(tiny_model_dir):

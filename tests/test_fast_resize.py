@@ -1,8 +1,9 @@
 """Phi3VImageProcessor(resize_backend="torch"): torch's uint8 antialiased resize instead of PIL's.
 
-The default ("pil") stays bit-identical to the step-by-step official path; "torch" may differ from
-it by one uint8 level on a few pixels, i.e. by at most 1/255/std (about 0.015) after normalising
-(0.021 in the bicubic global crop).
+The default ("pil") is bit-identical to the official processor (tests/test_preprocessing_reference.py);
+"torch" may differ from it by one uint8 level on a few pixels, i.e. by at most 1/255/std (about 0.015)
+after normalising (0.028 in the bicubic global crop), in landscape and portrait images alike: it
+resizes in the official pass order too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 
 import phi3v  # noqa: F401  (registers the Auto classes)
-from bench.preprocess import plain_preprocess
 from bench.workloads import document_page
 from phi3v.processing_phi3_v import OPENAI_CLIP_STD, Phi3VImageProcessor
 
@@ -35,6 +35,9 @@ def images():
         ("page P", page.convert("P"), 4),
         ("wide page, transposed", page.transpose(Image.Transpose.ROTATE_90), 16),
         ("odd-sized noise, upscaled", Image.fromarray(noise), 16),
+        # Portrait noise: resized in the wrong pass order, a quarter of its values would be a level off.
+        ("odd-sized portrait noise, upscaled", Image.fromarray(noise.transpose(1, 0, 2).copy()), 16),
+        ("portrait noise, downscaled", Image.fromarray(np.tile(noise, (12, 3, 1))[:, :150]), 2),
         ("7x1001 sliver L", Image.fromarray(noise[:7, :, 0].repeat(15, axis=1)[:, :1001]), 16),
         ("1x1 pixel", Image.new("RGB", (1, 1), (10, 200, 30)), 16),
         ("2x3 pixels", Image.fromarray(noise[:3, :2]), 1),
@@ -50,9 +53,10 @@ def test_torch_backend_is_within_one_level_of_pil(name, image, num_crops):
     assert fast["pixel_values"].shape == exact["pixel_values"].shape
     diff = (fast["pixel_values"] - exact["pixel_values"]).abs()
     assert diff[0, 1:].max() <= ONE_LEVEL, name  # the crops: cut out of the normalised picture
-    # The global crop is a bicubic resize of it, whose kernel's negative lobes can add up the
-    # one-level differences of neighbours: at most (sum of |weights| = 1.1875 per axis)^2 levels.
-    assert diff[0, 0].max() <= 1.1875**2 * ONE_LEVEL, name
+    # The global crop is a bicubic resize of it (torch's kernel, a = -0.75), whose negative lobes can
+    # add up the one-level differences of neighbours: at most (sum of |weights|, 1.375 per axis at
+    # half-pixel offsets)^2 levels.
+    assert diff[0, 0].max() <= 1.375**2 * ONE_LEVEL, name
     assert (diff > 0).float().mean() < 0.005, name  # a few values in a thousand at most
     # Padding (white) and the unused slots (zeros) are written by the shared code: identical.
     rows, cols = (s // 336 for s in exact["image_sizes"][0].tolist())
@@ -64,11 +68,7 @@ def test_torch_backend_really_resizes_with_torch_and_is_the_default_nowhere():
     exact = Phi3VImageProcessor(num_crops=16)(page)["pixel_values"]
     fast = Phi3VImageProcessor(num_crops=16, resize_backend="torch")(page)["pixel_values"]
     assert (fast != exact).any()  # the two backends are different code, not one path twice
-    # The default is exact: equal, bit for bit, to the step-by-step PIL path of the official processor.
-    default = Phi3VImageProcessor(num_crops=16)
-    assert default.resize_backend == "pil"
-    assert torch.equal(exact, plain_preprocess([page], 16))
-    assert torch.equal(default(page.convert("L"))["pixel_values"], plain_preprocess([page.convert("L")], 16))
+    assert Phi3VImageProcessor(num_crops=16).resize_backend == "pil"  # exact: see test_preprocessing_reference.py
 
 
 def test_resize_backend_round_trips_and_reaches_the_image_processor(tiny_model_dir, tmp_path):

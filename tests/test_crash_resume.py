@@ -115,6 +115,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(mode, tiny_model_dir, meme
     # Steps after checkpoint-1 did change the weights (the comparison is not between two copies of it).
     first = load_file(out / "checkpoint-1" / weights)
     assert any(not torch.equal(got_weights[name], first[name]) for name in first)
+    if mode == "full_zero2":  # each full fine-tuning checkpoint-N is also a drop-in model folder (phi3v/saving.py)
+        for folder in (out / "checkpoint-1", out / f"checkpoint-{NUM_STEPS}", out):
+            assert (folder / "tokenizer_config.json").read_bytes() == (tiny_model_dir / "tokenizer_config.json").read_bytes()
+            assert json.loads((folder / "preprocessor_config.json").read_text())["num_crops"] == 1
 
 
 # ------------------------------------------------------------------------------------------

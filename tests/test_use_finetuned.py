@@ -1,0 +1,306 @@
+"""Using the fine-tuned model: drop-in model folders, `python -m phi3v.merge`, `python -m phi3v.predict`.
+
+A drop-in folder replaces the base model's folder as is, for the official remote code (transformers
+4.4x, vLLM) too. transformers 4.4x cannot run here, so the folders' files are checked against the
+official layout: tokenizer_class, every base file byte for byte (remote-code .py files included),
+the official keys of config.json and preprocessor_config.json, weights in the base's dtype.
+
+The base is `drop_in_base`: the tiny model in bf16 with the official config.json keys it lacks
+(`torch_dtype`, `_attn_implementation`), stand-ins for the remote-code .py files and a README, as a
+hub snapshot of Phi-3.5-vision looks. Training runs call the recipe's main() in this process, except
+the full fine-tuning run (DeepSpeed) and the torchrun run of predict.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoProcessor, PreTrainedModel
+
+import finetune_hf_trainer_ucf101 as recipe
+import phi3v
+from own_data import OWN_FILES, photo, photo_set, write_jsonl
+from phi3v import merge, predict
+from phi3v.conversation import generation_batch
+from phi3v.saving import save_drop_in
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
+
+REMOTE_CODE = ("configuration_phi3_v.py", "modeling_phi3_v.py", "processing_phi3_v.py")
+BASE_FILES = (*REMOTE_CODE, "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json")
+OFFICIAL_PREPROCESSOR_KEYS = {"auto_map", "do_convert_rgb", "image_mean", "image_processor_type", "image_std",
+                              "num_crops", "num_img_tokens", "processor_class"}
+
+
+@pytest.fixture(scope="module")
+def drop_in_base(tiny_model_dir, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("base") / "phi3v-base"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model.save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                 "processor_config.json", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, base / name)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype")
+    config.update(torch_dtype="bfloat16", _attn_implementation="flash_attention_2", transformers_version="4.38.1")
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    for i, name in enumerate(REMOTE_CODE):
+        (base / name).write_text(f"# stand-in for the official {name}\nVERSION = {i}\n")
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# model card\n")
+    return base
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    photo_set(root, num_train=4, num_val=5)  # val: one-image, text-turn-then-image and two-image lines
+    return root
+
+
+def check_drop_in(folder: Path, base: Path, num_crops: int, dtype: str = "bfloat16"):
+    """`folder` replaces `base` as is: the official files, the base's files unchanged, weights in `dtype`."""
+    for name in BASE_FILES:
+        assert (folder / name).read_bytes() == (base / name).read_bytes(), name
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    assert not (folder / "chat_template.jinja").exists()  # the template stays in tokenizer_config.json
+    assert json.loads((folder / "processor_config.json").read_text()) == {
+        "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    official = json.loads((base / "preprocessor_config.json").read_text())
+    assert set(pre) == OFFICIAL_PREPROCESSOR_KEYS  # no 5.x key (resize_backend is left out when "pil")
+    assert pre == {**official, "num_crops": num_crops}
+    config, base_config = json.loads((folder / "config.json").read_text()), json.loads((base / "config.json").read_text())
+    assert config["torch_dtype"] == dtype and "dtype" not in config
+    assert config["rope_scaling"]["type"] == "su" and set(config["rope_scaling"]) == {"type", "long_factor", "short_factor"}
+    assert config["auto_map"] == base_config["auto_map"] and config["_attn_implementation"] == "flash_attention_2"
+    assert {k: v for k, v in config.items() if k in base_config and k != "torch_dtype"} == {
+        k: v for k, v in base_config.items() if k != "torch_dtype"}  # every official key, the base's value
+    with safe_open(folder / "model.safetensors", "pt") as f, safe_open(base / "model.safetensors", "pt") as g:
+        assert set(f.keys()) == set(g.keys())  # the official key names
+        assert "model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight" in f.keys()
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {{"bfloat16": "BF16", "float32": "F32"}[dtype]}
+
+
+def logits(folder, processor, photos_dir, records) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    batch = generation_batch(processor, [r["conversations"] for r in records], photos_dir)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def val_records(photos: Path) -> list[dict]:
+    return [json.loads(line) for line in (photos / "my_val.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: the run's merged/, the merge CLI on the final adapter and on checkpoint-N, predict
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(drop_in_base, photos, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("lora") / "out"
+    recipe.main([str(a) for a in [
+        "--model_name_or_path", drop_in_base, "--data_dir", photos, *OWN_FILES, "--output_dir", output_dir,
+        "--num_crops", 1, "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 2, "--save_steps", 2,
+        "--learning_rate", 1e-2, "--use_lora", "--lora_rank", 4, "--merge_lora", "--max_new_tokens", 4,
+        "--eval_batch_size", 2, "--logging_steps", 1, "--dataloader_num_workers", 0, "--deepspeed", "none",
+        "--no-tqdm",
+    ]])  # fmt: skip
+    return output_dir
+
+
+def test_merge_cli_equals_the_runs_merged_folder(lora_run, drop_in_base, photos, tmp_path):
+    """`python -m phi3v.merge` on the final adapter and on checkpoint-2 writes what --merge_lora wrote: same logits,
+    drop-in folders (base from adapter_config.json, weights in the base's bf16 unless --dtype, num_crops 1 trained)."""
+    processor = AutoProcessor.from_pretrained(lora_run)
+    assert processor.num_crops == 1
+    check_drop_in(lora_run / "merged", drop_in_base, num_crops=1)
+    records = val_records(photos)[:3]
+    expected = logits(lora_run / "merged", processor, photos / "photos", records)
+    base_logits = logits(drop_in_base, processor, photos / "photos", records)
+    assert not torch.equal(expected, base_logits)  # the adapter changed the model
+
+    for adapter in (lora_run, lora_run / "checkpoint-2"):
+        out = tmp_path / f"merged-{adapter.name}"
+        merge.main(["--adapter", str(adapter), "--output_dir", str(out)])
+        check_drop_in(out, drop_in_base, num_crops=1)
+        assert torch.equal(logits(out, processor, photos / "photos", records), expected), adapter
+
+    out = tmp_path / "merged-fp32"
+    merge.main(["--adapter", str(lora_run / "checkpoint-2"), "--output_dir", str(out), "--dtype", "float32",
+                "--base", str(drop_in_base)])
+    check_drop_in(out, drop_in_base, num_crops=1, dtype="float32")
+    torch.testing.assert_close(logits(out, processor, photos / "photos", records), expected, atol=0.05, rtol=0.05)
+
+
+def test_merge_cli_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no adapter_config.json: not a LoRA adapter folder"):
+        merge.main(["--adapter", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        merge.main(["--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_predict_reproduces_eval_after(lora_run, photos, tmp_path, capsys):
+    """Base + adapter on the run's val file with its settings: the predictions of its eval_after.json, exactly."""
+    eval_after = json.loads((lora_run / "eval_after.json").read_text())
+    output = tmp_path / "predictions.jsonl"
+    predict.main(["--adapter", str(lora_run), "--data", str(photos / "my_val.jsonl"), "--image_dir",
+                  str(photos / "photos"), "--batch_size", "2", "--max_new_tokens", "4", "--output", str(output),
+                  "--no-tqdm"])  # fmt: skip
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["id"] for line in lines] == eval_after["ids"]
+    assert [line["prediction"] for line in lines] == eval_after["predictions"]
+    assert [line["answer"] for line in lines] == eval_after["answers"]
+    correct = round(eval_after["accuracy"] * len(lines))
+    assert f"accuracy {eval_after['accuracy']:.4f} ({correct} of {len(lines)} answers" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Full fine-tuning (DeepSpeed ZeRO-2): the output folder and every checkpoint-N are drop-in
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_finetuning_folders_are_drop_in(drop_in_base, photos, tmp_path, run_script):
+    output_dir = tmp_path / "out"
+    run = ["finetune_hf_trainer_ucf101.py", "--model_name_or_path", drop_in_base, "--data_dir", photos, *OWN_FILES,
+           "--num_crops", 2, "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 2, "--save_steps", 1,
+           "--max_eval_samples", 0, "--dataloader_num_workers", 0, "--logging_steps", 1, "--no-tqdm"]  # fmt: skip
+    run_script(*run, "--output_dir", output_dir)
+    final = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    for folder in (output_dir, output_dir / "checkpoint-1", output_dir / "checkpoint-2"):
+        check_drop_in(folder, drop_in_base, num_crops=2)
+        model = AutoModelForCausalLM.from_pretrained(folder)  # a checkpoint-N loads as a model
+        assert AutoProcessor.from_pretrained(folder).num_crops == 2
+        if folder.name != "checkpoint-1":
+            assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    base = AutoModelForCausalLM.from_pretrained(drop_in_base).state_dict()
+    assert not torch.equal(final["model.layers.0.self_attn.qkv_proj.weight"], base["model.layers.0.self_attn.qkv_proj.weight"])
+    # Still resumable (DeepSpeed resumes from global_step*/, not from the bf16 model.safetensors): resuming from
+    # checkpoint-1 ends with the weights of the run that was not interrupted.
+    assert phi3v.last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-2")
+    resumed_dir = tmp_path / "resumed"
+    proc = run_script(*run, "--output_dir", resumed_dir, "--resume_from_checkpoint", output_dir / "checkpoint-1")
+    assert proc.stdout.count("{'loss': ") == 1  # it did resume: only step 2 trained
+    resumed = AutoModelForCausalLM.from_pretrained(resumed_dir).state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in resumed.items())
+
+
+def test_full_finetuning_without_deepspeed_checkpoints_keep_the_trained_dtype(drop_in_base, photos, tmp_path, capsys):
+    """Without DeepSpeed resuming reads checkpoint-N/model.safetensors: it keeps the fp32 trained in (and says so in
+    torch_dtype) so that the resume is exact; the final folder is in the base's bf16."""
+    run = [str(a) for a in [
+        "--model_name_or_path", drop_in_base, "--data_dir", photos, *OWN_FILES, "--num_crops", 1, "--batch_size", 2,
+        "--batch_size_per_gpu", 2, "--max_steps", 2, "--save_steps", 1, "--max_eval_samples", 0,
+        "--dataloader_num_workers", 0, "--deepspeed", "none", "--logging_steps", 1, "--no-tqdm",
+    ]]  # fmt: skip
+    recipe.main([*run, "--output_dir", str(tmp_path / "out")])
+    assert capsys.readouterr().out.count("{'loss': ") == 2
+    check_drop_in(tmp_path / "out" / "checkpoint-1", drop_in_base, num_crops=1, dtype="float32")
+    check_drop_in(tmp_path / "out", drop_in_base, num_crops=1, dtype="bfloat16")
+    recipe.main([*run, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                 str(tmp_path / "out" / "checkpoint-1")])  # fmt: skip
+    for name in ("out", "resumed"):
+        check_drop_in(tmp_path / name / "checkpoint-2", drop_in_base, num_crops=1, dtype="float32")
+    assert capsys.readouterr().out.count("{'loss': ") == 1  # it did resume: only step 2 trained
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoint-2").state_dict()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "checkpoint-2").state_dict()
+    assert all(torch.equal(v, first[k]) for k, v in again.items())
+
+
+def test_drop_in_from_a_base_without_remote_code(tiny_model_dir, tmp_path):
+    """`python -m phi3v.tiny` has no .py files and no torch_dtype: the folder is written all the same."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=3, resize_backend="torch")
+    save_drop_in(model, tmp_path / "out", tiny_model_dir, processor.image_processor)
+    assert not list((tmp_path / "out").glob("*.py"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+    pre = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert pre["num_crops"] == 3 and pre["resize_backend"] == "torch"  # a non-default backend is kept for phi3v
+    reloaded = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert reloaded.num_crops == 3 and reloaded.image_processor.resize_backend == "torch"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# predict: one query, bad input, several processes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predict_one_query_as_a_data_line(tiny_model_dir, photos, tmp_path, capsys):
+    """--image/--prompt gives what the same conversation gives as a --data line."""
+    record = next(r for r in val_records(photos) if len(r["conversations"]) == 1)
+    turn = record["conversations"][0]
+    common = ["--model", str(tiny_model_dir), "--num_crops", "1", "--max_new_tokens", "5"]
+    as_data = predict.main(["--data", str(write_jsonl(tmp_path / "one.jsonl", [record])), "--image_dir",
+                            str(photos / "photos"), *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "1 line(s), torch.float32 on cpu, 1 process(es), num_crops 1" in err and "predicting" in err  # + progress bar
+    images = [arg for rel in turn["images"] for arg in ("--image", str(photos / "photos" / rel))]
+    query = predict.main([*images, "--prompt", turn["user"], *common, "--no-tqdm"])
+    assert query == [{"id": 0, "prediction": as_data[0]["prediction"]}]  # no answer: no accuracy
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[0]) == query[0] and "accuracy" not in captured.out
+    assert "predicting" not in captured.err  # --no-tqdm
+    predict.main([*images, "--prompt", turn["user"], *common, "--no-tqdm", "--bf16"])
+    assert "torch.bfloat16 on cpu" in capsys.readouterr().err
+
+
+def test_predict_bad_input_one_report(tiny_model_dir, photos, tmp_path, capsys, monkeypatch):
+    """Every bad line in one report, exit 1, before any weights are loaded."""
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    good = val_records(photos)[0]
+    (photos / "photos" / "broken.png").write_bytes((photos / "photos" / good["conversations"][-1]["images"][0])
+                                                    .read_bytes()[:60])  # fmt: skip
+    lines = [
+        good,
+        "{not json",
+        {"id": "no-user", "conversations": [{"images": [], "assistant": "x"}]},
+        {"id": "missing", "conversations": [{"images": ["nowhere.png"], "user": "What colour is the photo?"}]},
+        {"id": "cut", "conversations": [{"images": ["broken.png"], "user": "What colour is the photo?"}]},
+        {"id": "tagged", "conversations": [{"images": [], "user": "<|image_1|> what?"}]},
+    ]
+    data = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model", str(tiny_model_dir), "--data", str(data), "--image_dir", str(photos / "photos")])
+    report = str(exit_info.value.code)
+    assert report.startswith("5 invalid row(s) in ")
+    for expected in ("bad.jsonl line 2: not valid JSON", "bad.jsonl line 3 (id no-user): conversations[0]: empty "
+                     "or missing user text", "bad.jsonl line 4 (id missing): frame nowhere.png: image file not found",
+                     "bad.jsonl line 5 (id cut): frame broken.png: corrupt or truncated image",
+                     "bad.jsonl line 6 (id tagged): conversations[0]: user text has its own image tags"):
+        assert expected in report, expected
+    assert "bad.jsonl line 1" not in report
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.jpg"), "--prompt", "hi"])
+    assert "the query: frame " in str(exit_info.value.code) and "not found" in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model", str(tiny_model_dir), "--prompt", "hi", "--data", str(data)])
+    assert exit_info.value.code == 2
+
+
+def test_predict_torchrun_keeps_input_order(tiny_model_dir, tmp_path, run_script):
+    """Two processes (gloo): the lines are sharded and gathered back in input order, the same as one process."""
+    root = tmp_path / "data"
+    lines = []
+    for i in range(5):  # shards of 3 and 2 lines, in batches of 2: uneven shards and batches
+        photo(root / f"{i}.png", ["dark red", "deep blue"][i % 2], random.Random(i), size=(40 + 8 * i, 32))
+        lines.append({"id": f"q{i}", "conversations": [{"images": [f"{i}.png"], "user": f"Question {i}?",
+                                                        "assistant": "a photo"}]})  # fmt: skip
+    data = write_jsonl(root / "q.jsonl", lines)
+    args = ["--model", tiny_model_dir, "--data", data, "--num_crops", 1, "--max_new_tokens", 4, "--batch_size", 2,
+            "--no-tqdm"]  # fmt: skip
+    run_script("phi3v/predict.py", *args, "--output", tmp_path / "two.jsonl", nproc=2)
+    one = predict.main([str(a) for a in args + ["--output", tmp_path / "one.jsonl"]])
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in two] == [f"q{i}" for i in range(5)]
+    assert two == one

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -164,6 +166,15 @@ class Preflight:
         self.description = description
         self.problems: list[dict] = []
         self._keys: set[Hashable] = set()
+        self.measured: dict[str, list[tuple[Hashable, int | None, int | None]]] = {}  # split -> rows
+
+    def measure(self, split: str, key: Hashable, images: int | None, tokens: int | None):
+        """Record one row the run reads, valid or not, for the `--preflight_only` summary.
+
+        `key` is the one `add` gets for that row's problems; `images` and `tokens` (the training
+        sequence, image tokens included) are None where the row is too broken to tell.
+        """
+        self.measured.setdefault(split, []).append((key, images, tokens))
 
     def add(self, where: str, reason: str, key: Hashable = None):
         """Record one bad row: `where` names it for a person (file and line, split and row id)."""
@@ -186,6 +197,48 @@ class Preflight:
         with open(path, "w") as f:
             for problem in self.problems:
                 f.write(json.dumps(problem) + "\n")
+
+    def summary(self, max_length: int, num_crops: int) -> dict:
+        """Rows, images per row and token lengths per split (of the rows given to `measure`).
+
+        Percentiles are nearest-rank: every figure is the length of a real row.
+        """
+        splits = {}
+        for split, rows in self.measured.items():
+            images = Counter(n for _, n, _ in rows if n is not None)
+            tokens = sorted(t for _, _, t in rows if t is not None)
+            invalid = sum(key in self._keys for key, _, _ in rows)
+            splits[split] = {
+                "rows": len(rows),
+                "valid_rows": len(rows) - invalid,
+                "invalid_rows": invalid,
+                "images": sum(n * count for n, count in images.items()),
+                "images_per_row": {str(n): images[n] for n in sorted(images)},
+                "rows_without_length": len(rows) - len(tokens),  # too broken to count (e.g. an image missing)
+                "tokens": {"min": tokens[0], "median": _nearest_rank(tokens, 0.5), "p95": _nearest_rank(tokens, 0.95),
+                           "max": tokens[-1], "total": sum(tokens)} if tokens else None,  # fmt: skip
+                "rows_over_max_length": sum(t > max_length for t in tokens) if max_length else 0,  # 0/None: no limit
+            }
+        return {"clean": not self.problems, "num_crops": num_crops, "max_length": max_length,
+                "invalid_rows": len({p["where"] for p in self.problems}), "splits": splits}  # fmt: skip
+
+    def exit_with_summary(self, output_dir, max_length: int, num_crops: int, is_main: bool = True):
+        """`--preflight_only`: print the summary and write it to output_dir/preflight_summary.json, list the
+        invalid rows (if any) in output_dir/invalid_rows.jsonl, and exit: status 0 if the data is clean, else 1.
+        Nothing else is written."""
+        summary = self.summary(max_length, num_crops)
+        output_dir = Path(output_dir)
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "preflight_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.problems:
+                self._write(output_dir / "invalid_rows.jsonl")
+                print(self.report(), file=sys.stderr, flush=True)
+            print(format_summary(summary), flush=True)
+            verdict = (f"{summary['invalid_rows']} invalid row(s), listed in {output_dir / 'invalid_rows.jsonl'}"
+                       if self.problems else "the data is clean")  # fmt: skip
+            print(f"preflight only: {verdict}; summary in {output_dir / 'preflight_summary.json'}", flush=True)
+        raise SystemExit(0 if summary["clean"] else 1)
 
     def finish(self, output_dir, skip_invalid: bool, is_main: bool = True) -> set:
         """Stop with a report (exit status 1), or with `skip_invalid` return the keys of rows to drop.
@@ -212,3 +265,25 @@ class Preflight:
             self._write(listing)
             print(f"{self.report()}\n--skip_invalid: training without them (listed in {listing}).", flush=True)
         return set(self._keys)
+
+
+def _nearest_rank(sorted_values: list[int], q: float) -> int:
+    return sorted_values[max(math.ceil(q * len(sorted_values)) - 1, 0)]
+
+
+def format_summary(summary: dict) -> str:
+    """The `Preflight.summary` a person reads: one block per split."""
+    lines = [f"preflight summary (--num_crops {summary['num_crops']}, --max_length {summary['max_length']}):"]
+    for split, s in summary["splits"].items():
+        lines.append(f"  {split}: {s['rows']:,} rows, {s['valid_rows']:,} valid, {s['invalid_rows']:,} invalid")
+        per_row = ", ".join(f"{n} ({count:,} rows)" for n, count in s["images_per_row"].items())
+        if per_row:
+            lines.append(f"    images per row: {per_row}; {s['images']:,} images in all")
+        t = s["tokens"]
+        if t:
+            lines.append(f"    tokens per row: min {t['min']:,}, median {t['median']:,}, p95 {t['p95']:,}, "
+                         f"max {t['max']:,}; {t['total']:,} in all")  # fmt: skip
+        lines.append(f"    rows over --max_length: {s['rows_over_max_length']:,}")
+        if s["rows_without_length"]:
+            lines.append(f"    rows too broken to count their tokens: {s['rows_without_length']:,}")
+    return "\n".join(lines)

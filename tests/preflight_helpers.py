@@ -83,3 +83,13 @@ def fake_environment(monkeypatch, script, fake: dict):
                         lambda name, *a: None if name in missing else object() if name in present else find_spec(name, *a))
     if "flash_attn" in fake and hasattr(script, "is_flash_attn_2_available"):  # scripts that ask transformers
         monkeypatch.setattr(script, "is_flash_attn_2_available", lambda: fake["flash_attn"])
+
+
+def refuse_model_weights(monkeypatch):
+    """Make any loading of model weights (PreTrainedModel.from_pretrained) fail the test: for --preflight_only."""
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"model weights loaded ({cls.__name__}.from_pretrained)")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))

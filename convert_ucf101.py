@@ -18,6 +18,8 @@ Usage:
     # download UCF101_subset.tar.gz (171 MB, 10 classes, 405 videos) from the hub dataset
     # sayakpaul/ucf101-subset and convert it to ./ucf101
     python convert_ucf101.py
+    # the original's command line: --tmp_dir is the new folder the archive is extracted into (removed at the end)
+    python convert_ucf101.py --tmp_dir /scratch/ucf101_tmp --out_dir ./ucf101
 
     # your own videos: an archive (.tar.gz/.tgz/.tar/.zip) or a folder laid out <split>/<Class>/<video>
     # (optionally under one top folder), any container PyAV reads (.avi .mp4 .mkv .webm .mov)
@@ -77,6 +79,13 @@ def parse_args(argv=None):
         f"default: download {HUB_FILENAME} from the hub dataset {HUB_REPO_ID}",
     )
     parser.add_argument("--out_dir", default="./ucf101", help="output folder (default ./ucf101)")
+    parser.add_argument(
+        "--tmp_dir",
+        default=None,
+        help="folder the archive (the hub download, or a --src archive) is extracted into, as in the original: "
+        "created (it must not exist yet) and removed at the end; it needs room for the extracted videos. "
+        "Default: a new folder in the system temporary directory (the original used the fixed /tmp/ucf101)",
+    )
     parser.add_argument("--num_frames", type=int, default=8, help="frames sampled per video (default 8)")
     parser.add_argument(
         "--min_frames",
@@ -106,6 +115,16 @@ def parse_args(argv=None):
         parser.error(f"--min_frames must be >= 1, got {args.min_frames}")
     if args.src is not None and not Path(args.src).exists():
         parser.error(f"--src {args.src} does not exist")
+    if args.tmp_dir is not None:
+        if Path(args.tmp_dir).exists():
+            parser.error(
+                f"--tmp_dir {args.tmp_dir} already exists: the archive is extracted into a new folder that is "
+                "removed at the end, so give a path that does not exist yet"
+            )
+        if args.src is not None and Path(args.src).is_dir():
+            parser.error(
+                f"--tmp_dir is where an archive is extracted, but --src {args.src} is a folder (read in place)"
+            )
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out_dir {out_dir} exists and is not a folder")
@@ -341,7 +360,11 @@ def publish(staging: Path, out_dir: Path) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    tmp_dir = Path(tempfile.mkdtemp(prefix="ucf101-"))
+    if args.tmp_dir is not None:
+        tmp_dir = Path(args.tmp_dir)
+        tmp_dir.mkdir(parents=True)  # a new folder (exist_ok=False, as the original): removed below
+    else:
+        tmp_dir = Path(tempfile.mkdtemp(prefix="ucf101-"))
     try:
         if args.src is None:
             from huggingface_hub import hf_hub_download

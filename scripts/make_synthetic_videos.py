@@ -10,8 +10,8 @@ so the text alone gives no hint). Each clip shows a large shape of the class col
 disc, 40-75 % of the frame height) moving and bouncing across a background tinted with the same
 colour (mixed with a random grey), with a small distractor shape of a neutral colour and pixel
 noise. Tint, grey level, shape, size, start point, direction and noise change from clip to clip.
-The colour covers most of every frame, so even a tiny randomly initialised model picks it up in a
-hundred steps (the quickstart); the moving shapes make the frames of a clip differ.
+The colour covers most of every frame, so even a tiny randomly initialised model picks it up in
+160 steps (the quickstart); the moving shapes make the frames of a clip differ.
 """
 
 from __future__ import annotations

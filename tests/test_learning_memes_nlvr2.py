@@ -30,11 +30,14 @@ from PIL import Image, ImageDraw
 
 from cauldron_data import cauldron_features
 
-# Data and training seed. Held-out accuracy after training, seeds 0-4: hateful memes 16/16 each time;
-# NLVR2 16, 15, 16, 14, 15 of 16 (threshold 13). Before training: 0/16 everywhere.
+# Data and training seed. Held-out accuracy after training, seeds 0, 1, 2 under the default, avx2 and
+# avx512 kernel sets (README, Tests): hateful memes 16/16 in all nine runs; NLVR2 (threshold 13) 16/16
+# for seeds 0 and 1 under each, 15, 16, 15 for seed 2. Before training: 0/16 everywhere. NLVR2 trains on 96 rows for 4 epochs:
+# with 48 rows for 7 epochs it memorised them and gave 14/16 on some seeds and kernels (more epochs: worse).
 SEED = 0
 NUM_EVAL = 16  # held-out rows, both classes equally often
 NUM_TRAIN = 48
+NLVR2_NUM_TRAIN = 96  # the two-image rule needs more examples than one colour to generalise
 BACKGROUNDS = {"red": (210, 30, 30), "blue": (30, 40, 210), "green": (30, 180, 40), "yellow": (220, 210, 30)}
 SHAPE_COLOURS = [(255, 255, 255), (0, 0, 0), (128, 128, 128), (160, 80, 200), (250, 150, 40)]
 # One OpenMP thread: with other jobs on the machine, 2 spinning threads per process are far slower.
@@ -80,12 +83,12 @@ def nlvr2_rows(n: int, rng: random.Random) -> dict:
     return rows
 
 
-def save_dataset(make_rows, folder: Path, seed: int) -> Path:
+def save_dataset(make_rows, folder: Path, seed: int, num_train: int = NUM_TRAIN) -> Path:
     """the_cauldron layout; the first NUM_EVAL rows (the scripts' --eval_size) come from another seed."""
     from datasets import Dataset
 
     features = cauldron_features()
-    held_out, train = make_rows(NUM_EVAL, random.Random(seed + 1000)), make_rows(NUM_TRAIN, random.Random(seed))
+    held_out, train = make_rows(NUM_EVAL, random.Random(seed + 1000)), make_rows(num_train, random.Random(seed))
     rows = {key: held_out[key] + train[key] for key in held_out}
     Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
     return folder
@@ -131,8 +134,8 @@ def test_hateful_memes_learns_from_the_image(tiny_model_dir, run_script, tmp_pat
 
 
 def test_nlvr2_learns_from_both_images(tiny_model_dir, run_script, tmp_path):
-    data = save_dataset(nlvr2_rows, tmp_path / "nlvr2", SEED)
+    data = save_dataset(nlvr2_rows, tmp_path / "nlvr2", SEED, num_train=NLVR2_NUM_TRAIN)
     out = tmp_path / "out"
     run_script("finetune_hf_trainer_nlvr2.py", *run_args(tiny_model_dir, data, out),
-               "--freeze_vision_model", "--num_train_epochs", 7, env=ONE_THREAD)
+               "--freeze_vision_model", "--num_train_epochs", 4, env=ONE_THREAD)
     check_learned(out, min_accuracy=13 / 16)  # more than either picture alone can give (12/16)

@@ -6,10 +6,11 @@ tiny random model. The prompt lists every class name and is the same for every c
 frames tell the classes apart: the test fails if the frames stop reaching the model, if the labels,
 the loss or the optimizer break, or if the evaluation scores the wrong thing.
 
-Smaller than the quickstart (10 classes, 4 frames, 120 steps): 4 classes, 2 frames per clip, 50
+Smaller than the quickstart (10 classes, 4 frames, 160 steps): 4 classes, 2 frames per clip, 50
 steps of 4 clips. Held-out accuracy after training, data and training seeds 0-3: 16/16, 16/16, 16/16,
-16/16 (threshold 12/16); before: 0/16 (the random model does not answer with a class name). About
-30 s of CPU time on one thread.
+16/16 (threshold 12/16); seeds 0-2 under the default, avx2 and avx512 kernel sets (README, Tests):
+16/16 in all nine runs (final loss 0.04-0.15, 58-195x below the first). Before: 0/16 (the random
+model does not answer with a class name). About 30 s of CPU time on one thread.
 """
 
 from __future__ import annotations

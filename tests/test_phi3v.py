@@ -130,26 +130,6 @@ def test_chat_template_builds_the_prompt(processor):
     assert processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == PROMPT
 
 
-def test_hd_transform_crops_in_row_major_order_with_white_centred_padding(processor):
-    image = picture(700, 300)  # 4 crops allowed -> 672 wide, 288 high, padded to 336: 1 row x 2 cols
-    batch = processor(PROMPT, [image], num_crops=4)
-    assert batch["image_sizes"].tolist() == [[336, 672]]
-    pixels = batch["pixel_values"][0]
-    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
-    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
-    resized = image.resize((672, 288), Image.BILINEAR)
-    canvas = Image.new("RGB", (672, 336), (255, 255, 255))
-    canvas.paste(resized, (0, 24))
-    hd = (torch.tensor(list(canvas.getdata()), dtype=torch.float32).reshape(336, 672, 3).permute(2, 0, 1) / 255 - mean) / std
-    torch.testing.assert_close(pixels[1], hd[:, :, :336])
-    torch.testing.assert_close(pixels[2], hd[:, :, 336:])
-    torch.testing.assert_close(pixels[0], F.interpolate(hd[None], size=(336, 336), mode="bicubic")[0])
-    assert pixels[3:].abs().sum() == 0  # unused slots are zeros
-    # Tall images are transposed for the computation: padding goes left and right.
-    tall = processor(PROMPT, [picture(300, 700)], num_crops=4)
-    assert tall["image_sizes"].tolist() == [[672, 336]]
-
-
 def test_unusual_image_modes_become_rgb(processor):
     for image in [Image.new("L", (100, 80), 128), Image.new("RGBA", (100, 80)), Image.new("P", (100, 80)),
                   Image.new("CMYK", (100, 80)), Image.new("I;16", (100, 80))]:
@@ -362,6 +342,11 @@ def test_loss_is_per_token_and_accepts_num_items_in_batch(model, processor):
     torch.testing.assert_close(out.loss, expected * n / 20, rtol=1e-5, atol=1e-5)
 
 
+# The overfit thresholds hold with margin on any x86-64 CPU. Measured under the three kernel sets torch can
+# pick there: ATEN_CPU_CAPABILITY=default, avx2, avx512, with oneDNN and MKL capped to the same instruction
+# set (DNNL_MAX_CPU_ISA=SSE41/AVX2, MKL_ENABLE_INSTRUCTIONS=SSE4_2/AVX2 for default/avx2: an AVX2-only CPU
+# also runs oneDNN's AVX2 code, which ATEN_CPU_CAPABILITY alone does not switch), and with tiny models of
+# other seeds (make_tiny_model(seed=...)) to see how far a result sits from its threshold.
 def overfit(model, example, steps=40, lr=1e-2):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -387,7 +372,9 @@ def test_full_training_overfits_and_reaches_every_used_parameter(tiny_model_dir,
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all("encoder.layers.1." in n or "post_layernorm" in n for n in frozen)  # unused layer -2+1
     model.zero_grad()
-    losses = overfit(model, example, steps=60, lr=1e-2)
+    # Final loss under default, avx2, avx512 kernels: 0.013 (tiny model seed 0), 0.012 (seed 1). At lr 1e-2
+    # the last steps oscillated: 0.004-0.005, but 0.060 with AVX2 kernels (the AVX2-only CPU's failure).
+    losses = overfit(model, example, steps=60, lr=5e-3)
     assert losses[-1] < 0.05 < losses[0]
 
 
@@ -406,7 +393,8 @@ def test_lora_overfits(tiny_model_dir, processor):
     assert any("img_projection.0" in t for t in targets) and any(t.endswith("self_attn.q_proj") for t in targets)
     assert not any("encoder.layers.1." in t for t in targets)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    losses = overfit(model, one_example(processor), steps=80, lr=3e-3)
+    # Final loss under default, avx2, avx512 kernels: 0.011 (tiny model seed 0), 0.004 (seed 1); lr 3e-3 left 0.083.
+    losses = overfit(model, one_example(processor), steps=80, lr=5e-3)
     assert losses[-1] < 0.1 < losses[0]
 
 
@@ -424,6 +412,8 @@ def test_4bit_qlora_overfits(tiny_model_dir, processor):
     with torch.no_grad():  # an eval forward first: the CPU repacking pitfall would corrupt gradients here
         model.eval()
         model(**example)
+    # Final loss under default, avx2, avx512 kernels: 0.028-0.032 (tiny model seed 0), 0.019 (seed 1), 0.015
+    # (seed 2). Not a higher rate: at 5e-3 the 4-bit run stalls at 0.25-0.65 for seed 1 on some kernels.
     losses = overfit(model, example, steps=100, lr=3e-3)
     assert losses[-1] < 0.1 < losses[0]
 
@@ -439,15 +429,15 @@ def test_sdpa_and_eager_agree(tiny_model_dir, processor):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_maker_cli(tmp_path):
-    import subprocess
+@pytest.mark.filterwarnings("ignore:'phi3v.tiny' found in sys.modules:RuntimeWarning")  # imported above
+def test_tiny_maker_cli(tmp_path, monkeypatch, capsys):
+    import runpy
     import sys
 
-    from conftest import REPO, script_env
-
-    out = subprocess.run([sys.executable, "-m", "phi3v.tiny", "--output_dir", str(tmp_path / "t"), "--hidden_size", "32"],
-                         cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    # What `python -m phi3v.tiny ...` runs, in this process (a new interpreter: ~8 s more of imports).
+    monkeypatch.setattr(sys, "argv", ["tiny.py", "--output_dir", str(tmp_path / "t"), "--hidden_size", "32"])
+    runpy.run_module("phi3v.tiny", run_name="__main__")
+    assert f"wrote a tiny Phi-3.5-vision to {tmp_path / 't'}" in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "t").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= files
     config = json.loads((tmp_path / "t" / "config.json").read_text())

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from preflight_helpers import encode, parse_error, truncated_jpeg, unusual_images
+from preflight_helpers import encode, parse_error, refuse_model_weights, truncated_jpeg, unusual_images
 from cauldron_data import cauldron_features
 
 SCRIPT = "finetune_hf_trainer_nlvr2.py"
@@ -42,7 +42,6 @@ NO_BITSANDBYTES = {"missing": {"bitsandbytes"}}
 @pytest.mark.parametrize("argv, env, message", [
     (["--num_crops", "0"], {}, "--num_crops must be between 1 and 16, got 0"),
     (["--num_crops", "17"], {}, "--num_crops must be between 1 and 16, got 17"),
-    (["--use_flash_attention"], {}, "--use_flash_attention needs --bf16"),  # fp16 AMP with flash attention
     (["--use_flash_attention", "--bf16"], {"cuda": False}, "--use_flash_attention needs a CUDA GPU"),
     (["--use_flash_attention", "--bf16"], NO_FLASH_ATTN, "--use_flash_attention needs the flash-attn package"),
     (["--use_qlora"], NO_BITSANDBYTES, "--use_qlora needs the bitsandbytes package"),
@@ -54,7 +53,7 @@ NO_BITSANDBYTES = {"missing": {"bitsandbytes"}}
     (["--max_length", "-1"], {}, "--max_length must be >= 0"),
     (["--eval_batch_size", "0"], {}, "--eval_batch_size must be >= 1"),
     (["--resume_from_checkpoint", "/nonexistent/ckpt"], {}, "is not a folder"),
-], ids=["crops0", "crops17", "flash_fp16", "flash_no_cuda", "flash_no_package", "qlora_no_bnb",
+], ids=["crops0", "crops17", "flash_no_cuda", "flash_no_package", "qlora_no_bnb",
         "batch_divisible", "batch_divisible_world2", "merge_without_lora", "max_length", "eval_batch", "resume_dir"])
 def test_bad_arguments(script, monkeypatch, capsys, tmp_path, argv, env, message):
     env = dict(env)
@@ -234,28 +233,32 @@ def run_args(tiny_model_dir, data, out, *extra):
             "--dataloader_num_workers", 0, "--no-tqdm", *extra]
 
 
-def assert_stopped_before_training(proc, out):
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout
-    assert "setup:" not in proc.stdout  # the trainer was never built
+def assert_stopped_before_training(exit_code, output, out):
+    assert exit_code == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert "setup:" not in output  # the trainer was never built
     assert not (out / "eval_before.json").exists() and not (out / "log_history.json").exists()
     assert not list(out.glob("checkpoint-*")) and not list(out.glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("make_rows, storage, extra, message, where", [case[1:] for case in BAD_DATA],
                          ids=[case[0] for case in BAD_DATA])
-def test_bad_row_stops_before_training(tiny_model_dir, run_script, tmp_path, make_rows, storage, extra, message,
+def test_bad_row_stops_before_training(script, tiny_model_dir, tmp_path, capsys, make_rows, storage, extra, message,
                                        where):
+    """In this process (a new one per case would add ~8 s of imports each); a real process exiting with status
+    1 and no traceback: test_unreadable_dataset_stops_before_training."""
     Image.new("RGB", (32, 32)).save(MOVED_IMAGE)  # exists while the dataset is written
     data = write_rows(tmp_path / "data", make_rows(), form=storage)
     MOVED_IMAGE.unlink()
     out = tmp_path / "out"
-    proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out, *extra), check=False)
-    assert_stopped_before_training(proc, out)
-    assert "1 invalid row(s) in the NLVR2 data" in proc.stdout
-    report_line = next(line for line in proc.stdout.splitlines() if line.startswith(f"  {where}: "))
+    with pytest.raises(SystemExit) as exit_info:  # any other exception fails the test
+        script.main([str(a) for a in run_args(tiny_model_dir, data, out, *extra)])
+    output = "".join(capsys.readouterr())  # stdout and stderr, as the subprocess runs see them
+    assert_stopped_before_training(exit_info.value.code, output, out)
+    assert "1 invalid row(s) in the NLVR2 data" in output
+    report_line = next(line for line in output.splitlines() if line.startswith(f"  {where}: "))
     assert message in report_line, report_line
-    assert "pass --skip_invalid to train without them" in proc.stdout
+    assert "pass --skip_invalid to train without them" in output
     listed = [json.loads(line) for line in (out / "invalid_rows.jsonl").read_text().splitlines()]
     assert len(listed) == 1 and listed[0]["where"] == where and message in listed[0]["reason"]
 
@@ -271,7 +274,7 @@ def test_unreadable_dataset_stops_before_training(tiny_model_dir, run_script, tm
         message = f"{data / 'part-1.parquet'}: not a readable parquet file"
     out = tmp_path / "out"
     proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out), check=False)
-    assert_stopped_before_training(proc, out)
+    assert_stopped_before_training(proc.returncode, proc.stdout, out)
     assert message in proc.stdout
 
 
@@ -322,3 +325,30 @@ def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 1 and math.isfinite(steps[0]["loss"]) and steps[0]["images_per_second"] > 0
     assert json.loads((out / "eval_after.json").read_text())["num_samples"] == 1
+
+
+def test_preflight_only(script, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--preflight_only: every row measured (bad ones too), a summary printed and written, exit 0 when the data is
+    clean and 1 when not; no model weights loaded, nothing else written."""
+    refuse_model_weights(monkeypatch)
+    broken = [good_row() for _ in range(6)]
+    broken[3]["images"].pop()  # invalid, still counted with its one image
+    broken[4]["texts"][0]["user"] = LONG_QUESTION  # over --max_length 1000
+    broken[5]["texts"].clear()  # invalid, no length
+    for name, rows, code in (("clean", [good_row() for _ in range(6)], 0), ("broken", broken, 1)):
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([str(a) for a in run_args(tiny_model_dir, write_rows(tmp_path / name, rows), out,
+                                                  "--preflight_only", "--max_length", 1000)])  # fmt: skip
+        assert exit_info.value.code == code
+        written = ["invalid_rows.jsonl", "preflight_summary.json"] if code else ["preflight_summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == written
+        summary = json.loads((out / "preflight_summary.json").read_text())
+        assert summary["clean"] is (code == 0) and summary["splits"]["eval"]["rows"] == NUM_EVAL
+        if code == 0:
+            clean_tokens = summary["splits"]["train"]["tokens"]
+    train = summary["splits"]["train"]
+    assert (train["rows"], train["invalid_rows"], train["rows_without_length"], train["rows_over_max_length"]) == (4, 3, 1, 1)
+    assert train["images_per_row"] == {"1": 1, "2": 3} and train["tokens"]["max"] > 1000
+    assert train["tokens"]["min"] == clean_tokens["min"] - 313  # the row with one image: 313 tokens fewer
+    assert "preflight only: 3 invalid row(s)" in capsys.readouterr().out

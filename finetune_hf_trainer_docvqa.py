@@ -39,7 +39,7 @@ Hardware suggestions
     CPU: works for smoke tests with a tiny model (`python -m phi3v.tiny --output_dir tiny`), fp32.
 
 Checks before training (nothing is loaded onto a GPU first)
-    Arguments: flash attention without flash-attn, CUDA or --bf16, --use_qlora without
+    Arguments: flash attention without flash-attn or CUDA (it implies --bf16), --use_qlora without
     bitsandbytes, --num_crops outside 1..16, a --batch_size that world size x --batch_size_per_gpu
     does not divide, a --dataset_path / --full_train_dataset_path without the expected splits or
     files, and an --output_dir that holds a finished run (eval_after.json, a saved model or adapter;
@@ -101,6 +101,7 @@ from transformers import (
 )
 
 import phi3v
+import phi3v.saving  # drop-in model folders (the official layout) and LoRA merging
 from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 MINI_DOCVQA = "nielsr/docvqa_1200_examples"
@@ -122,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct", help="hub id or local folder")
-    add("--use_flash_attention", action="store_true", help="flash_attention_2 (needs flash-attn, CUDA and --bf16)")
+    add("--use_flash_attention", action="store_true",
+        help="flash_attention_2 (needs flash-attn and CUDA; implies --bf16)")
     add("--bf16", action="store_true", help="bf16 weights and mixed precision (else fp16 AMP on GPU, fp32 on CPU)")
     add("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
     add("--use_qlora", action="store_true", help="4-bit NF4 base model + LoRA (implies --use_lora)")
@@ -139,8 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
     add("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear) makes preprocessing about 1.9x faster on RGB pages, within "
-        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
+        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "values. Saved with the processor.")
     add("--num_train_epochs", type=float, default=1)
     add("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
     add("--learning_rate", type=float, default=4.0e-5)
@@ -159,11 +162,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     add("--max_eval_samples", type=int, default=None, help="generate for only the first N test rows")
     add("--max_new_tokens", type=int, default=64)
-    add("--max_length", type=int, default=8192,
-        help="training samples longer than this (tokens, image tokens included) are invalid: never truncated")
+    add("--max_length", type=int, default=None,
+        help="training samples longer than this (tokens, image tokens included) are invalid: never truncated. "
+             "Default: the model's context length (max_position_embeddings in its config, 131072 for "
+             "Phi-3.5-vision), so nothing the original trains is refused; set it to have the preflight report "
+             "longer samples (a page at --num_crops 16 is at most 2,653 image tokens). GPU memory is the real "
+             "limit: a rough estimate, not measured by this repo (worked out from the original recipe's published "
+             "A100 peaks, with gradient checkpointing and flash attention), is 2-2.5 MB per token of a micro-batch "
+             "on top of a fixed cost per GPU of about 30 GB for full fine-tuning (ZeRO-2 over 8 GPUs), 10 GB for "
+             "LoRA and 4.5 GB for QLoRA: an 80 GB GPU holds roughly 20k tokens per micro-batch (full), 30k (LoRA), "
+             "33k (QLoRA); a 24 GB GPU about 5k (LoRA) or 8k (QLoRA)")
     add("--skip_invalid", action="store_true",
         help="drop the rows the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) and train "
              "on the rest; default: stop before training with one report of all of them")
+    add("--preflight_only", action="store_true",
+        help="check the data and print a summary (rows, images per row, tokens per row at --num_crops, rows over "
+             "--max_length, invalid rows), also written to output_dir/preflight_summary.json (+ invalid_rows.jsonl), "
+             "then exit: 0 if the data is clean, else 1. No model weights are loaded; nothing else is written")
     add("--packing", action="store_true",
         help="pack each micro-batch (--batch_size_per_gpu samples) into one row without padding; positions "
              "restart per sample and no token attends across samples, so the loss is that of padded batches. "
@@ -177,7 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--overwrite_output_dir", action="store_true",
         help="allow an --output_dir that holds a finished run (eval_after.json, a saved model or adapter); its "
              "files are replaced as the new run writes them, nothing is deleted first")
-    add("--merge_lora", action="store_true", help="LoRA runs: also write a merged full model to output_dir/merged")
+    add("--merge_lora", action="store_true", help="LoRA/QLoRA runs: also write the base (reloaded in fp32) with the "
+        "adapter merged in to output_dir/merged, a drop-in model folder in the base's dtype (as python -m phi3v.merge)")
     add("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
     add("--seed", type=int, default=42)
     add("--dataloader_num_workers", type=int, default=4)
@@ -193,9 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--use_flash_attention needs the flash-attn package (pip install flash-attn --no-build-isolation)")
         if not torch.cuda.is_available():
             parser.error("--use_flash_attention needs a CUDA GPU; leave it out on CPU (sdpa is used)")
-        if not args.bf16:
-            parser.error("--use_flash_attention needs --bf16: flash attention cannot run in fp16 mixed precision "
-                         "with fp32 weights")
+        # Flash attention implies bf16: it cannot run in fp16 mixed precision with fp32 weights (the original
+        # loaded the weights in bf16 for it, then trained in fp16 without --bf16: a known issue of the recipe).
+        args.bf16 = True
     if not 1 <= args.num_crops <= 16:
         parser.error(f"--num_crops must be between 1 and 16, got {args.num_crops}")
     if args.batch_size_per_gpu < 1 or args.batch_size % (world_size * args.batch_size_per_gpu) != 0:
@@ -219,11 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if problem:
             parser.error(f"--full_train_dataset_path {args.full_train_dataset_path}: {problem}")
     finished = finished_run_files(Path(args.output_dir))
-    if finished and not args.overwrite_output_dir:
+    if finished and not args.overwrite_output_dir and not args.preflight_only:
         parser.error(f"--output_dir {args.output_dir} already holds a finished run ({', '.join(finished)}); "
                      "choose another --output_dir, or add --overwrite_output_dir to train into it anyway")
-    if args.deepspeed.lower() == "none" or args.use_lora:
-        args.deepspeed = None  # LoRA/QLoRA never use DeepSpeed, as in the original recipe
+    if args.deepspeed.lower() == "none" or args.use_lora or args.preflight_only:
+        args.deepspeed = None  # LoRA/QLoRA never use DeepSpeed, as in the original recipe; --preflight_only trains nothing
     elif not os.path.isfile(args.deepspeed):
         parser.error(f"--deepspeed {args.deepspeed}: no such file")
     if args.eval_batch_size is None:
@@ -490,8 +506,15 @@ def _image_problems(start: int, stop: int) -> list[str | None]:
     return [image_problem(row) for row in _CHECKED.select(range(start, stop))]
 
 
-def check_rows(dataset, tokenizer, args, max_length: int | None) -> list[tuple[list[str], int | None]]:
-    """(problems, length) of every row; the length is None when the row has other problems.
+def row_images(row: dict) -> int | None:
+    """How many images a row lists (None: not a list)."""
+    if "texts" in row:
+        return len(row["images"]) if isinstance(row["images"], list) else None
+    return int(row["image"] is not None)
+
+
+def check_rows(dataset, tokenizer, args, max_length: int | None) -> list[tuple[list[str], int | None, int | None]]:
+    """(problems, length, images) of every row; the length is None only when the row is too broken to count.
 
     `max_length`: rows longer than this are invalid (training rows; None for the test rows, which
     are generated from, not trained on).
@@ -515,14 +538,25 @@ def check_rows(dataset, tokenizer, args, max_length: int | None) -> list[tuple[l
     results = []
     for row, image_issue in zip(dataset, image_issues):
         problems = ([image_issue] if image_issue else []) + text_problems(row)
-        length = None
-        if not problems:
+        # Counted whatever the row's other problems (for --preflight_only): a bad row may be too long as well.
+        try:
             length, image_tokens = sample_length(tokenizer, row, args.num_crops)
-            if max_length is not None and length > max_length:
-                # Never truncated: cutting image tokens would break the image-token/feature match.
-                problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
-        results.append((problems, length))
+        except (InvalidSample, TypeError, KeyError, IndexError, AttributeError, ValueError):
+            if not problems:
+                raise  # a row without problems can always be counted
+            length = None  # missing or mistyped fields, reported above: too broken to count
+        if length is not None and max_length is not None and length > max_length:
+            # Never truncated: cutting image tokens would break the image-token/feature match.
+            problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
+        results.append((problems, length, row_images(row)))
     return results
+
+
+def context_length(model_name_or_path: str) -> int:
+    """The model's context length: `max_position_embeddings` of its config (131072 for Phi-3.5-vision)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path).max_position_embeddings
 
 
 def preflight(train, test, tokenizer, args, is_main: bool):
@@ -531,6 +565,8 @@ def preflight(train, test, tokenizer, args, is_main: bool):
     `test`: the test rows used for generation and for the held-out loss. Returns (training rows,
     generation rows, held-out-loss rows or None, training lengths) without the bad rows.
     """
+    if args.max_length is None:  # the default: what the model can take, so nothing the original trains is refused
+        args.max_length = context_length(args.model_name_or_path)
     sources = [args.full_train_dataset_path or f"{CAULDRON}/{CAULDRON_CONFIG}"] if args.full_train else []
     report = Preflight(f"the DocVQA data ({', '.join(sources + [args.dataset_path or MINI_DOCVQA])})")
     verdicts = {}
@@ -538,9 +574,12 @@ def preflight(train, test, tokenizer, args, is_main: bool):
         verdicts[split] = check_rows(dataset, tokenizer, args, args.max_length if split == "train" else None)
         ids = dataset["id"] if "id" in dataset.column_names else [None] * len(dataset)
         name = "cauldron train" if split == "train" and args.full_train else split
-        for i, ((problems, _), row_id) in enumerate(zip(verdicts[split], ids)):
+        for i, ((problems, length, images), row_id) in enumerate(zip(verdicts[split], ids)):
             for problem in problems:
                 report.add(f"{name} row {i}" + (f" (id {row_id})" if row_id is not None else ""), problem, key=(split, i))
+            report.measure(split, (split, i), images, length)
+    if args.preflight_only:
+        report.exit_with_summary(args.output_dir, args.max_length, args.num_crops, is_main)
     drop = report.finish(args.output_dir, args.skip_invalid, is_main)
 
     keep = [i for i in range(len(train)) if ("train", i) not in drop]
@@ -775,15 +814,18 @@ def resolve_checkpoint(args) -> str | None:
 
 
 def clean_prediction(text: str) -> str:
+    """The original's cleaning of a generated answer, applied once: whitespace, then dots, around it.
+
+    Not idempotent ("5 ." becomes "5 "), so it runs once, in `evaluate`, as in the original."""
     return text.strip().strip(".")
 
 
 def anls_score(prediction: str, gold_answers: list[str], tau: float = 0.5) -> float:
-    """ANLS of one answer: best over the gold answers of 1 - normalised edit distance, 0 at or past tau.
+    """ANLS of one cleaned prediction (`clean_prediction`): best over the gold answers of 1 - normalised
+    edit distance, 0 at or past tau.
 
-    Case-sensitive, as the original recipe (only whitespace and dots around the prediction go).
+    As the original recipe: case-sensitive, gold answers used as they are, an empty prediction scores 0.
     """
-    prediction = clean_prediction(prediction)
     if not prediction:
         return 0.0
     best = 0.0
@@ -899,23 +941,13 @@ def save_loss_curve(output_dir: Path, log_history: list[dict]):
     plt.close(fig)
 
 
-def save_merged_lora(model, args, processor, output_dir: Path):
-    """Write base + LoRA as one full model to output_dir/merged (loads without peft)."""
-    merged_dir = output_dir / "merged"
-    if args.use_qlora:
-        # Merging into 4-bit weights would quantise the update away: reload the base model in full
-        # precision on CPU and merge the saved adapter into it instead.
-        from peft import PeftModel
+def save_merged_lora(args, output_dir: Path):
+    """Write base + LoRA as one drop-in model folder to output_dir/merged (loads without peft).
 
-        base = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, dtype=torch.bfloat16 if args.bf16 else torch.float32, device_map="cpu"
-        )
-        merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
-    else:
-        merged = model.merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(merged_dir)
-    processor.save_pretrained(merged_dir)
+    As `python -m phi3v.merge`: the base reloaded in fp32 on CPU (also for QLoRA: merging into 4-bit
+    weights would quantise the update away), the saved adapter folded in, weights in the base's dtype.
+    """
+    merged_dir = phi3v.saving.save_merged(output_dir, output_dir / "merged", base=args.model_name_or_path)
     print0(f"merged model written to {merged_dir}")
 
 
@@ -932,7 +964,7 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)
 
     finished = finished_run_files(output_dir)
-    if finished:
+    if finished and not args.preflight_only:
         print0(f"--overwrite_output_dir: {output_dir} holds a finished run ({', '.join(finished)}); the new run "
                "replaces these files as it writes its own")
 
@@ -970,6 +1002,8 @@ def main(argv=None):
         processing_class=processor,
         throughput=throughput,
     )
+    # Full fine-tuning: every checkpoint-N also becomes a drop-in model folder (and stays resumable).
+    trainer.add_callback(phi3v.saving.DropInCheckpoints(args.model_name_or_path, processor.image_processor))
     trainer.train(resume_from_checkpoint=checkpoint)
 
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -977,6 +1011,9 @@ def main(argv=None):
     trainer.save_model(str(output_dir))  # full model, or the LoRA adapter only
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
+        if not args.use_lora:  # a drop-in folder: replaces the base's as is, for the official code and vLLM too
+            dtype = phi3v.saving.base_dtype(args.model_name_or_path)
+            phi3v.saving.finish_drop_in(output_dir, args.model_name_or_path, processor.image_processor, dtype)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
         save_loss_curve(output_dir, trainer.state.log_history)
 
@@ -984,7 +1021,7 @@ def main(argv=None):
              rank, world_size)
 
     if args.merge_lora and trainer.is_world_process_zero():
-        save_merged_lora(model, args, processor, output_dir)
+        save_merged_lora(args, output_dir)
     trainer.accelerator.wait_for_everyone()
 
 

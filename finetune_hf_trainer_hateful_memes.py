@@ -82,6 +82,7 @@ from transformers import (
 from transformers.utils import is_flash_attn_2_available
 
 import phi3v
+import phi3v.saving  # drop-in model folders (the official layout) and LoRA merging
 from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
 
 # Adapt: the dataset and the yes/no vocabulary of your own binary task.
@@ -105,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct")
     model.add_argument("--use_flash_attention", action="store_true",
-                       help="flash_attention_2 (needs --bf16, CUDA, flash-attn)")
+                       help="flash_attention_2 (needs CUDA and flash-attn; implies --bf16)")
     model.add_argument("--bf16", action="store_true", help="bf16 (else fp16 mixed precision on GPU, fp32 on CPU)")
     model.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of all weights")
     model.add_argument("--use_qlora", action="store_true", help="LoRA on a 4-bit base model (implies --use_lora)")
@@ -116,8 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
     model.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear) makes preprocessing about 1.9x faster on RGB pages, within "
-        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
+        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "values. Saved with the processor.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", default=None,
@@ -126,11 +128,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N held-out rows")
-    data.add_argument("--max_length", type=int, default=8192,
-                      help="samples longer than this (image tokens included) are invalid: never truncated")
+    data.add_argument("--max_length", type=int, default=None,
+                      help="samples longer than this (image tokens included) are invalid: never truncated. Default: "
+                           "the model's context length (max_position_embeddings in its config, 131072 for "
+                           "Phi-3.5-vision), so nothing the original trains is refused; set it to have the preflight "
+                           "report longer samples (a meme at --num_crops 16 is at most 2,653 image tokens). GPU "
+                           "memory is the real limit: a rough estimate, not measured by this repo (worked out from "
+                           "the original recipe's published A100 peaks, with gradient checkpointing and flash "
+                           "attention), is 2-2.5 MB per token of a micro-batch on top of a fixed cost per GPU of "
+                           "about 30 GB for full fine-tuning (ZeRO-2 over 8 GPUs), 10 GB for LoRA and 4.5 GB for "
+                           "QLoRA: an 80 GB GPU holds roughly 20k tokens per micro-batch (full), 30k (LoRA), 33k "
+                           "(QLoRA); a 24 GB GPU about 5k (LoRA) or 8k (QLoRA)")
     data.add_argument("--skip_invalid", action="store_true",
                       help="drop the rows the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) "
                            "and train on the rest; default: stop before training with a report of all of them")
+    data.add_argument("--preflight_only", action="store_true",
+                      help="check the data and print a summary (rows, images per row, tokens per row at --num_crops, "
+                           "rows over --max_length, invalid rows), also written to output_dir/preflight_summary.json "
+                           "(+ invalid_rows.jsonl), then exit: 0 if the data is clean, else 1. No model weights are "
+                           "loaded; nothing else is written")
 
     train = parser.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch size (all GPUs x accumulation)")
@@ -171,7 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--dataloader_num_workers", type=int, default=4)
     train.add_argument("--deepspeed", default=str(DEFAULT_DEEPSPEED),
                        help="DeepSpeed config for full fine-tuning ('none': plain DDP); never used with LoRA")
-    train.add_argument("--merge_lora", action="store_true", help="LoRA: also save a merged model to output_dir/merged")
+    train.add_argument("--merge_lora", action="store_true", help="LoRA/QLoRA: also write the base (reloaded in fp32) "
+                       "with the adapter merged in to output_dir/merged, a drop-in model folder in the base's dtype "
+                       "(as python -m phi3v.merge)")
     # The `deepspeed` launcher passes --local_rank; the rank is read from LOCAL_RANK instead.
     train.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
 
@@ -193,9 +211,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not is_flash_attn_2_available():
             parser.error("--use_flash_attention needs the flash-attn package "
                          "(pip install flash-attn --no-build-isolation)")
-        if not args.bf16:
-            parser.error("--use_flash_attention needs --bf16: flash attention cannot run in fp16 mixed precision "
-                         "(fp32 master weights); add --bf16 or drop --use_flash_attention")
+        # Flash attention implies bf16: it cannot run in fp16 mixed precision with fp32 weights (the original
+        # loaded the weights in bf16 for it, then trained in fp16 without --bf16: a known issue of the recipe).
+        args.bf16 = True
     if not 1 <= args.num_crops <= 16:
         parser.error(f"--num_crops must be between 1 and 16, got {args.num_crops}")
     if args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
@@ -213,8 +231,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         problem = dataset_path_problem(Path(args.dataset_path))
         if problem:
             parser.error(f"--dataset_path {args.dataset_path}: {problem}")
+    if args.preflight_only:
+        args.deepspeed = "none"  # nothing is trained: no DeepSpeed set-up, and any --output_dir will do
     finished = finished_run_files(Path(args.output_dir))
-    if finished and not args.overwrite_output_dir:
+    if finished and not args.overwrite_output_dir and not args.preflight_only:
         parser.error(f"--output_dir {args.output_dir} already holds a finished run ({', '.join(finished)}); "
                      "choose another --output_dir, or add --overwrite_output_dir to train into it anyway")
     return args
@@ -381,8 +401,8 @@ def _check_images_range(dataset: Dataset, start: int, stop: int) -> list[str | N
     return [image_problem(images) for images in raw_rows(dataset, start, stop)[0]]
 
 
-def check_rows(dataset: Dataset, processor, max_length: int, workers: int = 0) -> list[tuple[list[str], int | None]]:
-    """(problems, length) of every row; the length is None when the row has other problems.
+def check_rows(dataset: Dataset, processor, max_length: int, workers: int = 0) -> list[tuple[list[str], int | None, int | None]]:
+    """(problems, length, images) of every row; the length is None only when the row is too broken to count.
 
     Deterministic, so every rank of a distributed run reaches the same verdict without talking to
     the others. Image decoding (the slow part) runs in `workers` processes if > 0.
@@ -402,15 +422,25 @@ def check_rows(dataset: Dataset, processor, max_length: int, workers: int = 0) -
     images_column, texts_column = raw_rows(dataset, 0, len(dataset))
     for texts, images, image_issue in zip(texts_column, images_column, image_results):
         problems = ([image_issue] if image_issue else []) + text_problems(texts)
-        length = None
-        if not problems:
-            question, answer = first_turn({"texts": texts})
-            length, image_tokens = sample_length(processor, images[0], question, answer)
-            if length > max_length:
-                # Never truncated: cutting image tokens would break the image-token/feature match.
-                problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
-        results.append((problems, length))
+        # Counted whatever the row's other problems (for --preflight_only): a bad row may be too long as well.
+        try:
+            length, image_tokens = sample_length(processor, images[0], *first_turn({"texts": texts}))
+        except (InvalidSample, TypeError, KeyError, IndexError, AttributeError, ValueError):
+            if not problems:
+                raise  # a row without problems can always be counted
+            length = None  # missing or mistyped fields, reported above: too broken to count
+        if length is not None and length > max_length:
+            # Never truncated: cutting image tokens would break the image-token/feature match.
+            problems.append(f"{length} tokens ({image_tokens} of them image tokens) > --max_length {max_length}")
+        results.append((problems, length, len(images) if isinstance(images, list) else None))
     return results
+
+
+def context_length(model_name_or_path: str) -> int:
+    """The model's context length: `max_position_embeddings` of its config (131072 for Phi-3.5-vision)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path).max_position_embeddings
 
 
 def preflight(train_set: Dataset, eval_set: Dataset, num_held_out: int, processor, args, is_main: bool):
@@ -419,14 +449,19 @@ def preflight(train_set: Dataset, eval_set: Dataset, num_held_out: int, processo
     Returns (train_set, eval_set, train_lengths, eval_lengths) without the bad rows. Rows are named
     by their row number in the dataset (the held-out rows come first) and the split they belong to.
     """
+    if args.max_length is None:  # the default: what the model can take, so nothing the original trains is refused
+        args.max_length = context_length(args.model_name_or_path)
     report = Preflight(f"the dataset ({args.dataset_path or f'{HUB_DATASET}/{HUB_CONFIG}'})")
     checked = {}
     for split, dataset, first_row in (("eval", eval_set, 0), ("train", train_set, num_held_out)):
         results = check_rows(dataset, processor, args.max_length, args.dataloader_num_workers)
-        for i, (problems, _) in enumerate(results):
+        for i, (problems, length, images) in enumerate(results):
             for problem in problems:
                 report.add(f"row {first_row + i} ({split})", problem, key=(split, i))
+            report.measure(split, (split, i), images, length)
         checked[split] = results
+    if args.preflight_only:
+        report.exit_with_summary(args.output_dir, args.max_length, args.num_crops, is_main)
     drop = report.finish(args.output_dir, args.skip_invalid, is_main)
     out = []
     for split, dataset in (("train", train_set), ("eval", eval_set)):
@@ -828,23 +863,23 @@ def save(trainer: Trainer, processor, args):
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
+        if not args.use_lora:  # a drop-in folder: replaces the base's as is, for the official code and vLLM too
+            dtype = phi3v.saving.base_dtype(args.model_name_or_path)
+            phi3v.saving.finish_drop_in(args.output_dir, args.model_name_or_path, processor.image_processor, dtype)
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f, indent=2)
 
 
-def save_merged(model, processor, args, is_main: bool):
-    """LoRA: write base + adapter as one ordinary model (loads without peft) to output_dir/merged."""
-    if args.use_qlora:
-        if is_main:
-            print("--merge_lora skipped for QLoRA: merging into 4-bit weights would round the adapter away; "
-                  "load the base model in bf16/fp16, load_adapter(output_dir) and merge_and_unload() instead")
-        return
+def save_merged(args, is_main: bool):
+    """LoRA/QLoRA: write base + adapter as one drop-in model folder (loads without peft) to output_dir/merged.
+
+    As `python -m phi3v.merge`: the base reloaded in fp32 (also for QLoRA: merging into 4-bit weights
+    would round the adapter away), the saved adapter folded in, weights in the base's dtype.
+    """
     if not is_main:
         return
-    merged = model.merge_and_unload()
-    merged_dir = os.path.join(args.output_dir, "merged")
-    merged.save_pretrained(merged_dir)
-    processor.save_pretrained(merged_dir)
+    merged_dir = phi3v.saving.save_merged(args.output_dir, os.path.join(args.output_dir, "merged"),
+                                          base=args.model_name_or_path)
     print(f"merged model saved to {merged_dir}")
 
 
@@ -852,7 +887,7 @@ def main(argv=None):
     args = parse_args(argv)
     set_single_process_env(args)
     finished = finished_run_files(Path(args.output_dir))
-    if finished and int(os.environ.get("RANK", "0")) == 0:
+    if finished and not args.preflight_only and int(os.environ.get("RANK", "0")) == 0:
         print(f"--overwrite_output_dir: {args.output_dir} holds a finished run ({', '.join(finished)}); "
               "the new run replaces these files as it writes its own")
     training_args = make_training_args(args)  # before the model: sets up the process group (and DeepSpeed)
@@ -898,6 +933,8 @@ def main(argv=None):
         eval_dataset=loss_eval_set if args.eval_steps > 0 else None,
         processing_class=processor,  # saved into every checkpoint, so each one is usable on its own
     )
+    # Full fine-tuning: every checkpoint-N also becomes a drop-in model folder (and stays resumable).
+    trainer.add_callback(phi3v.saving.DropInCheckpoints(args.model_name_or_path, processor.image_processor))
     if is_main:
         mode = "QLoRA" if args.use_qlora else "LoRA" if args.use_lora else "full fine-tuning"
         print(f"training: {mode}, DeepSpeed {'on' if trainer.is_deepspeed_enabled else 'off'}, "
@@ -915,7 +952,7 @@ def main(argv=None):
         save_plots(args.output_dir, trainer.state.log_history, eval_after)
 
     if args.merge_lora and args.use_lora:
-        save_merged(model, processor, args, is_main)
+        save_merged(args, is_main)
     trainer.accelerator.wait_for_everyone()
 
 

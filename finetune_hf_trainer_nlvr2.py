@@ -40,7 +40,9 @@ A quick CPU check of the whole pipeline (tiny random model from `python -m phi3v
     python finetune_hf_trainer_nlvr2.py --model_name_or_path tiny-phi3v --dataset_path my_nlvr2_copy \\
         --max_steps 2 --batch_size 2 --num_crops 1 --eval_size 4 --dataloader_num_workers 0
 
-Outputs in `--output_dir`: the model (full fine-tuning) or the LoRA adapter, the processor,
+Outputs in `--output_dir`: the model (full fine-tuning: a drop-in replacement of the base model's folder,
+also for the official remote code and vLLM, as is every full fine-tuning checkpoint-N and `merged/` with
+--merge_lora; see phi3v/saving.py) or the LoRA adapter, the processor,
 `eval_before.json` / `eval_after.json` (accuracy, confusion matrix and per-sample predictions),
 `log_history.json` (losses, learning rate, images/s, tokens/s, fraction of padding positions),
 `loss_curve.png` (training loss, held-out loss with `--eval_steps`, learning rate on a second axis),
@@ -87,14 +89,15 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct",
                         help="hub id or local folder")
     parser.add_argument("--use_flash_attention", action="store_true",
-                        help="flash_attention_2 (needs flash-attn, CUDA, --bf16)")
+                        help="flash_attention_2 (needs flash-attn and CUDA; implies --bf16, as the original)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 weights and mixed precision (else fp16 AMP on GPU, fp32 on CPU)")
     parser.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
     parser.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear) makes preprocessing about 1.9x faster on RGB pages, within "
-        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
+        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "values. Saved with the processor.")
     # LoRA / QLoRA
     parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of the full model")
     parser.add_argument("--use_qlora", action="store_true", help="LoRA on a 4-bit (nf4) base model; implies --use_lora")
@@ -102,7 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--lora_alpha_ratio", type=float, default=2, help="lora_alpha = round(lora_rank * ratio)")
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--merge_lora", action="store_true",
-                        help="LoRA runs: also write a merged full model to output_dir/merged")
+                        help="LoRA/QLoRA runs: also write the base (reloaded in fp32) with the adapter merged in to "
+                        "output_dir/merged, a drop-in model folder in the base's dtype (as python -m phi3v.merge)")
     parser.add_argument("--freeze_vision_model", action="store_true", help="do not train the CLIP tower and projector")
     # Optimisation
     parser.add_argument("--batch_size", type=int, default=16, help="GLOBAL batch size (over all GPUs and accumulation)")
@@ -138,14 +142,28 @@ def parse_args(argv=None):
     parser.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N held-out rows")
-    parser.add_argument("--max_length", type=int, default=8192,
+    parser.add_argument("--max_length", type=int, default=None,
                         help="longest training conversation (tokens, images included); longer rows are reported "
-                             "as invalid, never truncated; 0 = no limit")
+                             "as invalid, never truncated; 0 = no limit. Default: the model's context length "
+                             "(max_position_embeddings in its config, 131072 for Phi-3.5-vision), so nothing the "
+                             "original trains is refused; set it to have the preflight report longer rows (two "
+                             "images at --num_crops 16 are at most 5,306 image tokens). GPU memory is the real "
+                             "limit: a rough estimate, not measured by this repo (worked out from the original "
+                             "recipe's published A100 peaks, with gradient checkpointing and flash attention), is "
+                             "2-2.5 MB per token of a micro-batch on top of a fixed cost per GPU of about 30 GB for "
+                             "full fine-tuning (ZeRO-2 over 8 GPUs), 10 GB for LoRA and 4.5 GB for QLoRA: an 80 GB "
+                             "GPU holds roughly 20k tokens per micro-batch (full), 30k (LoRA), 33k (QLoRA); a 24 GB "
+                             "GPU about 5k (LoRA) or 8k (QLoRA)")
     parser.add_argument("--dataloader_num_workers", type=int, default=4,
                         help="dataloader processes (also the processes of the preflight check on large data)")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="train without the rows that fail the preflight checks (listed in "
                              "output_dir/skipped_rows.jsonl) instead of stopping with a report")
+    parser.add_argument("--preflight_only", action="store_true",
+                        help="check the data and print a summary (rows, images per row, tokens per row at "
+                             "--num_crops, rows over --max_length, invalid rows), also written to "
+                             "output_dir/preflight_summary.json (+ invalid_rows.jsonl), then exit: 0 if the data is "
+                             "clean, else 1. No model weights are loaded; nothing else is written")
     parser.add_argument("--packing", action="store_true",
                         help="pack each micro batch (--batch_size_per_gpu samples) into one row without padding "
                              "(positions restart per sample, no attention across samples): no compute spent on "
@@ -172,15 +190,14 @@ def validate_args(parser, args):
     """Fail in one line before anything heavy is loaded."""
     if args.use_qlora:
         args.use_lora = True
-    if args.deepspeed and args.deepspeed.lower() == "none":
-        args.deepspeed = ""
+    if args.deepspeed and args.deepspeed.lower() == "none" or args.preflight_only:
+        args.deepspeed = ""  # --preflight_only trains nothing: no DeepSpeed set-up
     if not 1 <= args.num_crops <= 16:
         parser.error(f"--num_crops must be between 1 and 16, got {args.num_crops}")
     if args.use_flash_attention:
-        if not args.bf16:
-            parser.error("--use_flash_attention needs --bf16: fp16 mixed precision keeps the weights in fp32, "
-                         "which flash attention cannot run (a known issue of the original recipe); "
-                         "add --bf16 or drop the flag")
+        # As the original: flash attention implies bf16 (fp16 mixed precision keeps the weights in fp32,
+        # which flash attention cannot run).
+        args.bf16 = True
         if not torch.cuda.is_available():
             parser.error("--use_flash_attention needs a CUDA GPU")
         if importlib.util.find_spec("flash_attn") is None:
@@ -197,7 +214,7 @@ def validate_args(parser, args):
                      f"--batch_size_per_gpu {args.batch_size_per_gpu}")
     if args.lora_rank < 1:
         parser.error("--lora_rank must be >= 1")
-    if args.max_length < 0:
+    if args.max_length is not None and args.max_length < 0:
         parser.error("--max_length must be >= 0 (0 = no limit)")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
@@ -225,7 +242,8 @@ def validate_args(parser, args):
         args.resume_from_checkpoint = last
     elif args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
-    check_output_dir(parser, args)
+    if not args.preflight_only:  # it writes only its summary: any --output_dir will do
+        check_output_dir(parser, args)
 
 
 # Files that only a run that got to the end writes (the final model or adapter, its logs, its evaluation).
@@ -363,10 +381,11 @@ def conversation_length(tokenizer, texts, image_sizes, num_crops):
 
 
 def row_problems(images, texts, tokenizer, num_crops, max_length):
-    """(reasons, length): why one raw row cannot be trained on (empty list: it can), and its length in tokens.
+    """(reasons, length, images): why one raw row cannot be trained on (empty list: it can), its length in
+    tokens and its number of images.
 
     Every image is fully decoded with phi3v's load_image (a truncated JPEG only shows on decode),
-    exactly as the collator will open it. The length (0 when the row is broken) comes from the decoded
+    exactly as the collator will open it. The length (None when an image or a text cannot be read) comes from the decoded
     image sizes and the token-count formula; max_length None means no limit (the held-out rows).
     """
     from phi3v.validation import InvalidSample, image_tag_problem, load_image
@@ -403,17 +422,23 @@ def row_problems(images, texts, tokenizer, num_crops, max_length):
             sizes.append(load_image(image).size)
         except InvalidSample as error:
             reasons.append(f"image {number}: {error}")
-    if reasons:
-        return reasons, 0
-    length = conversation_length(tokenizer, texts, sizes, num_crops)
-    if max_length is not None and length > max_length:
+    # Counted whatever the row's other problems (for --preflight_only), unless an image or a text cannot be read.
+    length = None
+    if texts and len(sizes) == len(images):
+        try:
+            length = conversation_length(tokenizer, texts, sizes, num_crops)
+        except (TypeError, KeyError, AttributeError, ValueError):
+            if not reasons:
+                raise  # a row without problems can always be counted
+            length = None  # a turn that is not {user, assistant} text, reported above: too broken to count
+    if length is not None and max_length is not None and length > max_length:
         # Never cut: truncation would drop image tokens or the answer.
         reasons.append(f"{length} tokens (images included) > --max_length {max_length}")
-    return reasons, length
+    return reasons, length, len(images)
 
 
 def check_rows(dataset, tokenizer, num_crops, max_length, num_proc, split):
-    """row_problems for every row: (reasons per row, length per row).
+    """row_problems for every row: (reasons per row, length per row, images per row).
 
     A datasets map: with several processes on large tables, and cached, so that the other processes
     of a distributed run (waiting in main_process_first) read the main process's results.
@@ -421,20 +446,28 @@ def check_rows(dataset, tokenizer, num_crops, max_length, num_proc, split):
     from datasets import Features, List, Value
 
     if len(dataset) == 0:  # datasets skips the map (and its new columns) on an empty table
-        return [], []
+        return [], [], []
 
     def check(table):
         results = [row_problems(images, texts, tokenizer, num_crops, max_length)
                    for images, texts in zip(table.column("images").to_pylist(), table.column("texts").to_pylist())]
-        return {"problems": [reasons for reasons, _ in results], "num_tokens": [n for _, n in results]}
+        return {"problems": [reasons for reasons, _, _ in results], "num_tokens": [n for _, n, _ in results],
+                "num_images": [n for _, _, n in results]}
 
     checked = dataset.select_columns(["images", "texts"]).with_format("arrow").map(
         check, batched=True, batch_size=64, remove_columns=["images", "texts"],
-        features=Features({"problems": List(Value("string")), "num_tokens": Value("int64")}),
+        features=Features({"problems": List(Value("string")), "num_tokens": Value("int64"), "num_images": Value("int64")}),
         num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) >= 1000 else None,
         desc=f"preflight of the {split} rows",
     ).with_format(None)
-    return checked["problems"], checked["num_tokens"]
+    return checked["problems"], checked["num_tokens"], checked["num_images"]
+
+
+def context_length(model_name_or_path: str) -> int:
+    """The model's context length: `max_position_embeddings` of its config (131072 for Phi-3.5-vision)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path).max_position_embeddings
 
 
 def create_datasets(args, tokenizer):
@@ -466,16 +499,19 @@ def create_datasets(args, tokenizer):
         raise SystemExit(f"error: no training rows: the table has {len(data)} rows and the first --eval_size "
                          f"{args.eval_size} are held out")
 
+    if args.max_length is None:  # the default: what the model can take, so nothing the original trains is refused
+        args.max_length = context_length(args.model_name_or_path)
     preflight = Preflight(f"the NLVR2 data ({args.dataset_path or DATASET_NAME})")
     # Held-out rows have no length limit: generation asks the first statement only.
     limits = {"eval": (eval_set, 0, None), "train": (train_set, eval_size, args.max_length or None)}
     checked = {}
     for split, (subset, first_row, max_length) in limits.items():
-        problems, lengths = check_rows(subset, tokenizer, args.num_crops, max_length,
-                                       args.dataloader_num_workers, split)
+        problems, lengths, num_images = check_rows(subset, tokenizer, args.num_crops, max_length,
+                                                   args.dataloader_num_workers, split)
         for index, reasons in enumerate(problems):
             if reasons:
                 preflight.add(f"{row_name(first_row + index)} ({split})", "; ".join(reasons), key=(split, index))
+            preflight.measure(split, (split, index), num_images[index], lengths[index])
         checked[split] = subset.add_column("length", lengths)
     return checked["train"], checked["eval"], preflight
 
@@ -494,6 +530,8 @@ def prepare_datasets(args, training_args, tokenizer):
     """
     with training_args.main_process_first(local=True, desc="checking the data"):
         train_set, eval_set, preflight = create_datasets(args, tokenizer)
+    if args.preflight_only:
+        preflight.exit_with_summary(args.output_dir, args.max_length, args.num_crops, is_main=training_args.should_save)
     dropped = preflight.finish(args.output_dir, args.skip_invalid, is_main=training_args.should_save)
     train_set, eval_set = without_rows(train_set, "train", dropped), without_rows(eval_set, "eval", dropped)
     if len(train_set) == 0:
@@ -906,20 +944,25 @@ def save(trainer, processor, args):
     trainer.save_model(str(output_dir))  # on every rank: DeepSpeed gathers the weights collectively
     if trainer.args.should_save:
         processor.save_pretrained(str(output_dir))
+        if not args.use_lora:  # a drop-in folder: replaces the base's as is, for the official code and vLLM too
+            import phi3v.saving
+
+            dtype = phi3v.saving.base_dtype(args.model_name_or_path)
+            phi3v.saving.finish_drop_in(output_dir, args.model_name_or_path, processor.image_processor, dtype)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
 
 
-def merge_lora(model, processor, args, training_args):
-    """--merge_lora: the base model with the adapter folded in, loadable without peft."""
+def merge_lora(args, training_args):
+    """--merge_lora: the base model with the adapter folded in, a drop-in model folder loadable without peft.
+
+    As `python -m phi3v.merge`: the base reloaded in fp32 (also for QLoRA: folding the adapter into 4-bit
+    weights would round it away), the saved adapter merged in, weights in the base's dtype.
+    """
     if not training_args.should_save:
         return
-    if args.use_qlora:
-        print("--merge_lora skipped for QLoRA: folding the adapter into 4-bit weights would round it away. "
-              "Merge offline into the bf16 base model: PeftModel.from_pretrained(base, output_dir).merge_and_unload()")
-        return
-    merged_dir = Path(args.output_dir) / "merged"
-    model.merge_and_unload().save_pretrained(str(merged_dir))
-    processor.save_pretrained(str(merged_dir))
+    import phi3v.saving
+
+    merged_dir = phi3v.saving.save_merged(args.output_dir, Path(args.output_dir) / "merged", base=args.model_name_or_path)
     print(f"merged model written to {merged_dir}")
 
 
@@ -931,6 +974,7 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     import phi3v  # noqa: F401  (registers Phi-3.5-vision with the Auto classes)
+    import phi3v.saving  # drop-in model folders (the official layout) and LoRA merging
     from transformers import AutoProcessor, set_seed
 
     training_args = create_training_arguments(args, use_cuda, world_size)
@@ -964,6 +1008,8 @@ def main(argv=None):
         eval_dataset=eval_loss_set,
         processing_class=processor,  # checkpoints then hold the processor too
     )
+    # Full fine-tuning: every checkpoint-N also becomes a drop-in model folder (and stays resumable).
+    trainer.add_callback(phi3v.saving.DropInCheckpoints(args.model_name_or_path, processor.image_processor))
     if training_args.should_save:
         print(describe_setup(trainer, args, world_size))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -976,8 +1022,7 @@ def main(argv=None):
     if training_args.should_save:
         save_plots(output_dir, trainer.state.log_history, eval_after)
     if args.merge_lora:
-        # Merging rewrites the in-memory model, so it comes after the evaluation of the adapter.
-        merge_lora(model, processor, args, training_args)
+        merge_lora(args, training_args)  # from the saved adapter: the in-memory model stays as it is
 
 
 if __name__ == "__main__":

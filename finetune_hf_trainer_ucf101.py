@@ -10,8 +10,16 @@ Every jsonl line is `{"id", "source", "conversations": [{"images": [...], "user"
 Each turn's user message is `<|image_1|>...<|image_n|>\\n{user}` with that turn's images; the
 model learns `{assistant}<|end|>\\n<|endoftext|>`. Several turns per line are supported (each turn is
 its own chat-template block, as in the original recipe), so your own video QA data fits as is.
-The metric is exact-match accuracy (after strip().lower()) of the last answer of every val line,
+The metric is exact-match accuracy (after strip().strip(".").lower(), as the original) of the last answer of every val line,
 generated from the conversation up to that answer.
+
+Your own data (documents, screenshots, photos, videos): write it in this layout and name the files with
+--train_file / --eval_file / --image_dir (relative to --data_dir, or absolute). A turn may have any
+number of images, none included (a text-only turn); lines may have several turns; answers are free
+text. --metric anls scores free-form answers (ANLS, as DocVQA), --metric none reports the held-out
+loss alone; confusion_matrix.png is drawn when the val answers are a closed set (at most 50 distinct).
+--preflight_only checks the data and prints what a run will cost (rows, images per row, tokens per row,
+rows over --max_length, invalid rows) without loading the model's weights.
 
 Launch (full fine-tuning uses DeepSpeed ZeRO-2, `ds_configs/zero2.json`; LoRA/QLoRA use plain DDP):
 
@@ -42,11 +50,14 @@ finished run, or another run's checkpoints, is refused unless `--overwrite_outpu
 deleted); `--resume_from_checkpoint latest` resumes from the newest complete checkpoint (one left
 half-written by a kill is skipped).
 
-Outputs in --output_dir: eval_before.json / eval_after.json (accuracy, confusion matrix, per-sample
-predictions), log_history.json (losses, learning rate, images_per_second, tokens_per_second),
-loss_curve.png (losses, and the learning rate on a second axis), confusion_matrix.png (after
-training), the model (full fine-tuning) or the LoRA adapter (+ `merged/` with --merge_lora), the
-processor, and checkpoint-* with --save_steps.
+Outputs in --output_dir: eval_before.json / eval_after.json (the --metric score, the confusion matrix
+of a closed set of answers, per-sample predictions and scores; --metric none: the held-out loss),
+log_history.json (losses, learning rate, images_per_second, tokens_per_second), loss_curve.png
+(losses, and the learning rate on a second axis), confusion_matrix.png (after training), the model
+(full fine-tuning) or the LoRA adapter (+ `merged/` with --merge_lora), the processor, and
+checkpoint-* with --save_steps. Model folders (full fine-tuning output and checkpoint-N,
+merged/) replace the base model's folder as is (phi3v/saving.py), also for the official remote code and
+vLLM; `python -m phi3v.predict` runs them (or base + adapter) on new data in this layout.
 """
 
 from __future__ import annotations
@@ -56,7 +67,6 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -65,12 +75,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import phi3v  # registers Phi-3.5-vision with the Auto classes
-from phi3v.validation import InvalidSample, Preflight, image_size, image_tag_problem, load_image
+import phi3v.saving  # drop-in model folders (the official layout) and LoRA merging
+# Adapt: the prompt format (chat template per turn, image tags, answer suffix) and the line checks live in
+# phi3v/conversation.py, shared with `python -m phi3v.predict`; change turn_prompt/answer_ids/conversation_problems
+# there (or copy them here) for your data.
+from phi3v.conversation import (
+    anls_score,
+    concat_images,
+    conversation_length,
+    conversation_problems,
+    frame_problems,
+    encode_conversation,
+    exact_match,
+    generate_answers,
+    generation_batch,
+    normalize_answer,
+)
+from phi3v.validation import InvalidSample, Preflight
 
 SCRIPT_DIR = Path(__file__).resolve().parent
-IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
-ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
-EOS_TOKEN_IDS = [32007, 32000]  # <|end|>, <|endoftext|>
 TRAIN_FILE, EVAL_FILE, IMAGE_DIR = "ucf101_train.jsonl", "ucf101_val.jsonl", "images"
 
 
@@ -87,8 +110,26 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--model_name_or_path", default="microsoft/Phi-3.5-vision-instruct", help="hub id or local folder")
-    add("--data_dir", required=True, help="output folder of convert_ucf101.py (ucf101_{train,val}.jsonl + images/)")
-    add("--use_flash_attention", action="store_true", help="flash-attention 2 (needs flash-attn, CUDA and --bf16)")
+    add("--data_dir", required=True, help="output folder of convert_ucf101.py (ucf101_{train,val}.jsonl + images/), "
+        "or of your own data in that layout")
+    # Your own data: any jsonl files of conversations in the layout (paths relative to --data_dir, or absolute).
+    add("--train_file", default=TRAIN_FILE, help="training lines (relative to --data_dir, or absolute)")
+    add("--eval_file", default=EVAL_FILE, help="validation lines: the metric before and after training")
+    add("--image_dir", default=IMAGE_DIR, help="folder the jsonl image paths are relative to (relative to --data_dir, "
+        "or absolute)")
+    add("--metric", choices=["exact", "anls", "none"], default="exact",
+        help="the score of the last answer of every val line: exact = exact match after strip().strip('.').lower() "
+        "(closed sets of answers: classes, yes/no); anls = ANLS, 1 - normalised edit distance, 0 past 0.5, as "
+        "DocVQA (free-form answers); none = no generation, the held-out loss per answer token only")
+    add("--preflight_only", action="store_true",
+        help="check the data and print a summary (rows, images per row, tokens per row at --num_crops, rows over "
+        "--max_length, invalid rows), also written to output_dir/preflight_summary.json (+ invalid_rows.jsonl), "
+        "then exit: 0 if the data is clean, else 1. No model weights are loaded; nothing else is written")
+    add(
+        "--use_flash_attention",
+        action="store_true",
+        help="flash-attention 2 (needs flash-attn and CUDA; implies --bf16, as the original)",
+    )
     add("--bf16", action="store_true", help="bf16 (else fp16 mixed precision on GPU, fp32 on CPU)")
     add("--use_lora", action="store_true", help="LoRA instead of full fine-tuning")
     add("--use_qlora", action="store_true", help="4-bit QLoRA (implies --use_lora; needs bitsandbytes)")
@@ -123,8 +164,9 @@ def parse_args(argv=None):
     add("--num_crops", type=int, default=4, help="max 336x336 crops per frame (1..16)")
     add("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear) makes preprocessing about 1.9x faster on RGB pages, within "
-        "one uint8 level of pil on ~0.02%% of pixel values. Saved with the processor.")
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
+        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "values. Saved with the processor.")
     add("--num_train_epochs", type=float, default=1, help="epochs (ignored when --max_steps > 0)")
     add("--max_steps", type=int, default=-1, help="> 0: train this many steps (overrides epochs)")
     add("--learning_rate", type=float, default=4.0e-5, help="peak learning rate (linear decay)")
@@ -149,14 +191,22 @@ def parse_args(argv=None):
     add("--eval_steps", type=int, default=0, help="> 0: held-out loss every N steps (on --max_eval_loss_samples)")
     add("--max_eval_loss_samples", type=int, default=32, help="val samples used for the held-out loss")
     add("--max_train_samples", type=int, default=None, help="use only the first N training samples")
-    add("--max_eval_samples", type=int, default=None, help="evaluate accuracy on the first N val samples only")
+    add("--max_eval_samples", type=int, default=None, help="evaluate (--metric) on the first N val samples only")
     add("--eval_batch_size", type=int, default=None, help="generation batch per process (default: batch_size_per_gpu)")
-    add("--max_new_tokens", type=int, default=64, help="generation length for the accuracy eval")
+    add("--max_new_tokens", type=int, default=64, help="generation length for the --metric eval")
     add(
         "--max_length",
         type=int,
-        default=8192,
-        help="samples longer than this (image tokens included) are invalid (see --skip_invalid): never truncated",
+        default=None,
+        help="samples longer than this many tokens (image tokens included) are invalid (see --skip_invalid); "
+        "nothing is truncated. None: the model's context length (max_position_embeddings in its config, 131072 "
+        "for Phi-3.5-vision), so nothing the original trains is refused; set it to have the preflight report "
+        "longer lines. 8 frames of 320x240 are about 6,100 tokens at --num_crops 4 and 15,400 at 16. GPU memory "
+        "is the real limit: a rough estimate, not measured by this repo (worked out from the original recipe's "
+        "published A100 peaks, with gradient checkpointing and flash attention), is 2-2.5 MB per token of a "
+        "micro-batch on top of a fixed cost per GPU of about 30 GB for full fine-tuning (ZeRO-2 over 8 GPUs), "
+        "10 GB for LoRA and 4.5 GB for QLoRA: an 80 GB GPU holds roughly 20k tokens per micro-batch (full), "
+        "30k (LoRA), 33k (QLoRA); a 24 GB GPU about 5k (LoRA) or 8k (QLoRA). --freeze_vision_model needs less",
     )
     add(
         "--skip_invalid",
@@ -164,7 +214,8 @@ def parse_args(argv=None):
         help="drop the lines the preflight check finds invalid (listed in output_dir/skipped_rows.jsonl) and "
         "train on the rest; default: stop before training with one report of all of them",
     )
-    add("--merge_lora", action="store_true", help="LoRA: also save a merged full model to output_dir/merged")
+    add("--merge_lora", action="store_true", help="LoRA/QLoRA: also write the base (reloaded in fp32) with the adapter "
+        "merged in to output_dir/merged, a drop-in model folder in the base's dtype (as python -m phi3v.merge)")
     add("--report_to", default="none", help="none, tensorboard, wandb, ... (comma-separated)")
     add("--seed", type=int, default=42, help="random seed")
     add("--dataloader_num_workers", type=int, default=4, help="processes decoding frames")
@@ -188,8 +239,8 @@ def validate_args(parser, args):
             parser.error("--use_flash_attention needs the flash-attn package (pip install flash-attn)")
         if not torch.cuda.is_available():
             parser.error("--use_flash_attention needs a CUDA GPU")
-        if not args.bf16:
-            parser.error("--use_flash_attention needs --bf16: flash attention cannot run with fp16 mixed precision")
+        # As the original: flash attention implies bf16 (it cannot run in fp16 mixed precision, fp32 weights).
+        args.bf16 = True
     if args.use_qlora and importlib.util.find_spec("bitsandbytes") is None:
         parser.error("--use_qlora needs the bitsandbytes package (pip install bitsandbytes)")
     if not 1 <= args.num_crops <= 16:
@@ -209,14 +260,20 @@ def validate_args(parser, args):
         parser.error(
             f"--data_dir {data_dir} does not exist: make it with python convert_ucf101.py --out_dir {data_dir}"
         )
-    missing = [name for name in (TRAIN_FILE, EVAL_FILE) if not (data_dir / name).is_file()]
-    missing += [IMAGE_DIR + "/"] if not (data_dir / IMAGE_DIR).is_dir() else []
+    train_file, eval_file, image_dir = data_paths(args)
+    missing = [args.train_file] if not train_file.is_file() else []
+    missing += [args.eval_file] if not eval_file.is_file() else []
+    missing += [args.image_dir.rstrip("/") + "/"] if not image_dir.is_dir() else []
     if missing:
         parser.error(
             f"--data_dir {data_dir} lacks {', '.join(missing)}: expected the layout of convert_ucf101.py "
-            f"(python convert_ucf101.py --out_dir {data_dir})"
+            f"(python convert_ucf101.py --out_dir {data_dir}), or your files named by --train_file, --eval_file "
+            "and --image_dir"
         )
-    check_output_dir(parser, args)
+    if args.preflight_only:
+        args.deepspeed = "none"  # nothing is trained: no DeepSpeed set-up, and any --output_dir will do
+    else:
+        check_output_dir(parser, args)
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder")
     if args.deepspeed.lower() in ("", "none"):
@@ -225,6 +282,12 @@ def validate_args(parser, args):
         args.deepspeed = None  # as the original: LoRA/QLoRA train with plain DDP
     elif args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed config {args.deepspeed} not found")
+
+
+def data_paths(args) -> tuple[Path, Path, Path]:
+    """(train file, eval file, image folder): --train_file/--eval_file/--image_dir under --data_dir unless absolute."""
+    data_dir = Path(args.data_dir)
+    return data_dir / args.train_file, data_dir / args.eval_file, data_dir / args.image_dir
 
 
 # Files that only a run that got to the end writes (the final model or adapter, its logs, its evaluation).
@@ -279,8 +342,9 @@ def ensure_distributed_env():
 # =============================================================================================
 
 
-def read_jsonl(path: Path, limit: int | None, report) -> list[tuple[int, dict]]:
-    """(line number, record) of the first `limit` non-empty lines; malformed lines go to the report."""
+def read_jsonl(path: Path, name: str, limit: int | None, report) -> list[tuple[int, dict]]:
+    """(line number, record) of the first `limit` non-empty lines; malformed lines go to the report as
+    "{name} line N" (record None)."""
     records = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -291,112 +355,10 @@ def read_jsonl(path: Path, limit: int | None, report) -> list[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                report.add(f"{path.name} line {line_no}", f"not valid JSON: {e}", key=(path.name, line_no))
+                report.add(f"{name} line {line_no}", f"not valid JSON: {e}", key=(name, line_no))
                 record = None
             records.append((line_no, record))
     return records
-
-
-def turn_prompt(tokenizer, user: str, num_images: int) -> str:
-    # Adapt: the user message of one turn. The frames' tags come back to back, then a newline.
-    tags = "".join(f"<|image_{i}|>" for i in range(1, num_images + 1))
-    content = f"{tags}\n{user}" if num_images else user
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    return tokenizer(f"{answer}{ANSWER_SUFFIX}", add_special_tokens=False).input_ids  # no BOS before answers
-
-
-def encode_conversation(processor, turns: list[dict], image_dir: Path, include_last_answer: bool = True) -> dict:
-    """Token ids, labels and pixels of one jsonl line.
-
-    Each turn is its own chat-template block with its own images (`<|image_1|>` restarts at 1), as
-    in the original recipe; only the answers (with `<|end|>\\n<|endoftext|>`) are supervised.
-    Without `include_last_answer` the sequence ends with the last turn's prompt (for generation).
-    """
-    tokenizer = processor.tokenizer
-    input_ids, labels, pixel_values, image_sizes = [], [], [], []
-    for t, turn in enumerate(turns):
-        # load_image: the same decoding (modes, alpha, EXIF) as the preflight, which checked every frame.
-        images = [load_image(image_dir / rel) for rel in turn.get("images") or []]
-        inputs = processor(text=turn_prompt(tokenizer, turn["user"], len(images)), images=images or None)
-        prompt_ids = inputs["input_ids"][0].tolist()
-        input_ids += prompt_ids
-        labels += [-100] * len(prompt_ids)
-        if images:
-            pixel_values.append(inputs["pixel_values"])
-            image_sizes.append(inputs["image_sizes"])
-        if include_last_answer or t < len(turns) - 1:
-            ids = answer_ids(tokenizer, turn["assistant"])
-            input_ids += ids
-            labels += ids
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-        "image_sizes": torch.cat(image_sizes) if image_sizes else None,
-    }
-
-
-def conversation_length(processor, turns: list[dict], image_dir: Path, num_crops: int) -> tuple[int, int]:
-    """(tokens, image tokens) of `encode_conversation(...)["input_ids"]`, from the frame headers only."""
-    tokenizer = processor.tokenizer
-    length = image_tokens = 0
-    for turn in turns:
-        rels = turn.get("images") or []
-        prompt = turn_prompt(tokenizer, turn["user"], len(rels))
-        # The processor tokenizes the text between image tags chunk by chunk (each with its own <s>).
-        length += sum(len(tokenizer(chunk).input_ids) for chunk in IMAGE_TAG.split(prompt))
-        for rel in rels:
-            image_tokens += phi3v.num_image_tokens(*image_size(image_dir / rel), num_crops)
-        length += len(answer_ids(tokenizer, turn["assistant"]))
-    return length + image_tokens, image_tokens
-
-
-def conversation_problems(record) -> list[str]:
-    """Why a jsonl record does not have the shape the collators expect (empty list: it does)."""
-    # Adapt: the shape of your own conversations.
-    if not isinstance(record, dict):
-        return [f"a line must be a JSON object, got {type(record).__name__}"]
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        return ["'conversations' is missing or not a non-empty list of {images, user, assistant} turns"]
-    problems = []
-    for t, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            problems.append(f"conversations[{t}] is not an object {{images, user, assistant}}")
-            continue
-        for role in ("user", "assistant"):
-            if not isinstance(turn.get(role), str) or not turn[role].strip():
-                problems.append(f"conversations[{t}]: empty or missing {role} text")
-        images = turn.get("images") or []
-        if not isinstance(images, list) or not all(isinstance(rel, str) and rel for rel in images):
-            problems.append(f"conversations[{t}]: 'images' must be a list of frame paths (relative to images/)")
-            continue
-        if isinstance(turn.get("user"), str):
-            # The script writes the tags itself (turn_prompt): any tag in the text would be one too many.
-            tags = "".join(f"<|image_{i}|>" for i in range(1, len(images) + 1))
-            problem = image_tag_problem(f"{tags}\n{turn['user']}", len(images))
-            if problem:
-                problems.append(f"conversations[{t}]: user text has its own image tags: {problem}")
-        if isinstance(turn.get("assistant"), str) and IMAGE_TAG.search(turn["assistant"]):
-            problems.append(f"conversations[{t}]: assistant text has an image tag")
-    return problems
-
-
-def frame_problems(record: dict, image_dir: Path) -> list[str]:
-    """Every listed frame must decode completely (a truncated JPEG only shows when decoded)."""
-    problems = []
-    for turn in record["conversations"]:
-        for rel in turn.get("images") or []:
-            try:
-                load_image(image_dir / rel)
-            except InvalidSample as e:
-                problems.append(f"frame {rel}: {e}")
-    return problems
 
 
 def _frame_problems_chunk(records: list[dict], image_dir: Path) -> list[list[str]]:
@@ -416,70 +378,101 @@ def check_frames(records: list[dict], image_dir: Path, workers: int) -> list[lis
     return [problems for chunk in results for problems in chunk]
 
 
+def line_size(processor, record, image_dir: Path, num_crops: int) -> tuple[int | None, int | None, int | None]:
+    """(images, tokens, image tokens) of a jsonl record, from the image headers; None where it is too broken
+    to tell (not a list of turns, a text that is not a string, an image that cannot be opened)."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        return None, None, None
+    image_lists = [t.get("images") or [] for t in turns]
+    if not all(isinstance(rels, list) and all(isinstance(rel, str) and rel for rel in rels) for rels in image_lists):
+        return None, None, None
+    images = sum(len(rels) for rels in image_lists)
+    if not all(isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str) for t in turns):
+        return images, None, None
+    try:
+        return images, *conversation_length(processor, turns, image_dir, num_crops)
+    except InvalidSample:  # an image file missing or not an image (reported by check_frames)
+        return images, None, None
+
+
+def context_length(model_name_or_path: str) -> int:
+    """The model's context length: `max_position_embeddings` of its config (131072 for Phi-3.5-vision)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name_or_path).max_position_embeddings
+
+
 def load_data(args, processor, is_main: bool, log):
     """(train records, val records, train lengths), after a preflight check of every line the run will use.
 
     Checked before the model is loaded: malformed JSON, the conversation shape, empty texts, image
-    tags in the texts, every frame (decoded completely) and the length against --max_length
-    (from the frame headers and the token formula: image tokens are never truncated). Any problem
+    tags in the texts, every image (decoded completely) and the length against --max_length
+    (from the image headers and the token formula: image tokens are never truncated). Any problem
     stops the run with one report of all of them (every rank reaches the same verdict: the checks
     are deterministic), or with --skip_invalid those lines are dropped and listed in
     output_dir/skipped_rows.jsonl. The lengths (tokens, image tokens included) feed --group_by_length.
+    With --preflight_only the run ends here with a summary of the data (Preflight.exit_with_summary).
     """
-    data_dir = Path(args.data_dir)
-    image_dir = data_dir / IMAGE_DIR
-    report = Preflight(f"{data_dir}")
-    # The val lines the run uses: accuracy on the first --max_eval_samples, held-out loss on the
+    if args.max_length is None:  # the default: what the model can take, so nothing the original trains is refused
+        args.max_length = context_length(args.model_name_or_path)
+    train_file, eval_file, image_dir = data_paths(args)
+    report = Preflight(f"{args.data_dir}")
+    # The val lines the run uses: the metric on the first --max_eval_samples, held-out loss on the
     # first --max_eval_loss_samples.
     num_val = None
     if args.max_eval_samples is not None:
         num_val = max(args.max_eval_samples, args.max_eval_loss_samples if args.eval_steps > 0 else 0)
+    # Lines are named "{file as given} line N" in the report.
     splits = {
-        TRAIN_FILE: read_jsonl(data_dir / TRAIN_FILE, args.max_train_samples, report),
-        EVAL_FILE: read_jsonl(data_dir / EVAL_FILE, num_val, report),
+        "train": (args.train_file, read_jsonl(train_file, args.train_file, args.max_train_samples, report)),
+        "val": (args.eval_file, read_jsonl(eval_file, args.eval_file, num_val, report)),
     }
     lengths = {}
-    for name, lines in splits.items():
+    for split, (name, lines) in splits.items():
         shaped = []
         for line_no, record in lines:
-            if record is None:
-                continue  # malformed JSON, already reported
             where = f"{name} line {line_no}"
             if isinstance(record, dict) and "id" in record:
                 where += f" (id {record['id']})"
-            problems = conversation_problems(record)
+            problems = conversation_problems(record) if record is not None else []  # None: malformed JSON, reported
             for problem in problems:
                 report.add(where, problem, key=(name, line_no))
-            if not problems:
+            if record is not None and not problems:
                 shaped.append((line_no, record, where))
         frames = check_frames([record for _, record, _ in shaped], image_dir, args.dataloader_num_workers)
         for (line_no, record, where), problems in zip(shaped, frames):
             for problem in problems:
                 report.add(where, problem, key=(name, line_no))
-            if problems:
+        # Every line's size, whatever its problems (for the summary): a broken line may also be too long.
+        for line_no, record in lines:
+            images, length, image_tokens = line_size(processor, record, image_dir, args.num_crops)
+            report.measure(split, (name, line_no), images, length)
+            if length is None:
                 continue
-            length, image_tokens = conversation_length(processor, record["conversations"], image_dir, args.num_crops)
             lengths[name, line_no] = length
             if length > args.max_length:
                 report.add(
-                    where,
+                    f"{name} line {line_no}" + (f" (id {record['id']})" if "id" in record else ""),
                     f"{length} tokens ({image_tokens} of them image tokens) > --max_length {args.max_length}: "
-                    "raise --max_length, or lower --num_crops or the frames per clip",
+                    "raise --max_length, or lower --num_crops or the images per line",
                     key=(name, line_no),
                 )
+    if args.preflight_only:
+        report.exit_with_summary(args.output_dir, args.max_length, args.num_crops, is_main)
     drop = report.finish(args.output_dir, args.skip_invalid, is_main)
-    kept = {name: [(line_no, r) for line_no, r in splits[name] if r is not None and (name, line_no) not in drop]
-            for name in (TRAIN_FILE, EVAL_FILE)}  # fmt: skip
-    train, val = ([r for _, r in kept[name]] for name in (TRAIN_FILE, EVAL_FILE))
-    train_lengths = [lengths[TRAIN_FILE, line_no] for line_no, _ in kept[TRAIN_FILE]]
+    kept = {split: [(line_no, r) for line_no, r in lines if r is not None and (name, line_no) not in drop]
+            for split, (name, lines) in splits.items()}  # fmt: skip
+    train, val = ([r for _, r in kept[split]] for split in ("train", "val"))
+    train_lengths = [lengths[args.train_file, line_no] for line_no, _ in kept["train"]]
     if not train:
-        raise SystemExit(f"error: no valid training sample in {data_dir / TRAIN_FILE}: nothing to train on")
+        raise SystemExit(f"error: no valid training sample in {train_file}: nothing to train on")
     if not val and args.eval_steps > 0:
-        raise SystemExit(f"error: --eval_steps needs validation samples, but {data_dir / EVAL_FILE} has none")
+        raise SystemExit(f"error: --eval_steps needs validation samples, but {eval_file} has none")
     if not val:
-        log(f"no line of {data_dir / EVAL_FILE} is used (empty, --max_eval_samples 0 or all invalid): no accuracy eval")
+        log(f"no line of {eval_file} is used (empty, --max_eval_samples 0 or all invalid): no evaluation")
     longest = max(lengths.values(), default=0)
-    log(f"preflight: {len(train)} train, {len(val)} val samples valid in {data_dir}; "
+    log(f"preflight: {len(train)} train, {len(val)} val samples valid in {args.data_dir}; "
         f"longest {longest} tokens (--max_length {args.max_length})")  # fmt: skip
     return train, val, train_lengths
 
@@ -499,14 +492,6 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, index):
         return self.records[index]
-
-
-def concat_images(encoded: list[dict], batch: dict) -> dict:
-    pixel_values = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
-    if pixel_values:
-        batch["pixel_values"] = torch.cat(pixel_values)
-        batch["image_sizes"] = torch.cat([e["image_sizes"] for e in encoded if e["image_sizes"] is not None])
-    return batch
 
 
 class TrainCollator:
@@ -547,22 +532,9 @@ class EvalCollator:
     def __init__(self, processor, image_dir: Path):
         self.processor = processor
         self.image_dir = image_dir
-        self.pad_token_id = processor.tokenizer.pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        encoded = [
-            encode_conversation(self.processor, ex["conversations"], self.image_dir, include_last_answer=False)
-            for ex in examples
-        ]
-        width = max(len(e["input_ids"]) for e in encoded)
-        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = len(e["input_ids"])
-            input_ids[row, width - n :] = torch.tensor(e["input_ids"])
-            attention_mask[row, width - n :] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        batch = concat_images(encoded, batch)
+        batch = generation_batch(self.processor, [ex["conversations"] for ex in examples], self.image_dir)
         batch["ids"] = [ex.get("id") for ex in examples]
         batch["answers"] = [ex["conversations"][-1]["assistant"] for ex in examples]
         return batch
@@ -781,13 +753,18 @@ def contiguous_shard(items: list, num_shards: int, index: int) -> list:
     return items[start : start + div + (1 if index < mod else 0)]
 
 
+# More distinct answers than this are free-form text rather than classes: no confusion matrix.
+MAX_CONFUSION_CLASSES = 50
+
+
 def confusion_matrix(predictions: list[str], answers: list[str]) -> dict:
     """Rows: the gold classes; columns: the same classes, then "(other)" for any other prediction."""
-    labels = sorted({a.strip() for a in answers}, key=str.lower)
-    column = {label.lower(): i for i, label in enumerate(labels)}
+    # One class per normalised answer ("Yes" and "yes." are one), shown in one of its spellings.
+    labels = sorted({normalize_answer(a): a.strip().strip(".") for a in answers}.values(), key=str.lower)
+    column = {normalize_answer(label): i for i, label in enumerate(labels)}
     matrix = [[0] * (len(labels) + 1) for _ in labels]
     for prediction, answer in zip(predictions, answers):
-        matrix[column[answer.strip().lower()]][column.get(prediction.strip().lower(), len(labels))] += 1
+        matrix[column[normalize_answer(answer)]][column.get(normalize_answer(prediction), len(labels))] += 1
     return {"labels": labels, "columns": labels + ["(other)"], "matrix": matrix}
 
 
@@ -823,7 +800,7 @@ def save_plots(output_dir: Path, log_history: list[dict], eval_after: dict | Non
     fig.tight_layout()
     fig.savefig(output_dir / "loss_curve.png", dpi=100)
     plt.close(fig)
-    if eval_after:
+    if eval_after and "confusion_matrix" in eval_after:
         cm = eval_after["confusion_matrix"]
         size = 2 + 0.5 * len(cm["columns"])
         fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -834,65 +811,88 @@ def save_plots(output_dir: Path, log_history: list[dict], eval_after: dict | Non
             for j, count in enumerate(row):
                 if count:
                     ax.text(j, i, count, ha="center", va="center", fontsize=8)
-        ax.set(xlabel="prediction", ylabel="answer", title=f"accuracy {eval_after['accuracy']:.3f}")
+        ax.set(xlabel="prediction", ylabel="answer", title=f"{eval_after['metric']} {eval_after[eval_after['metric']]:.3f}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         fig.savefig(output_dir / "confusion_matrix.png", dpi=100)
         plt.close(fig)
 
 
+def shard_loader(records: list[dict], collator, args, training_args) -> DataLoader:
+    """This rank's contiguous shard of `records`, in batches of --eval_batch_size."""
+    return DataLoader(
+        RecordDataset(contiguous_shard(records, training_args.world_size, training_args.process_index)),
+        batch_size=args.eval_batch_size or args.batch_size_per_gpu,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+    )
+
+
 @torch.no_grad()
 def evaluate(model, processor, records, args, training_args, out_path: Path, log):
-    """Batched greedy generation on this rank's shard; rank 0 writes the accuracy and predictions."""
+    """Batched greedy generation on this rank's shard; rank 0 writes the --metric score and the predictions."""
     from accelerate.utils import gather_object
 
     records = records[: args.max_eval_samples]
-    shard = contiguous_shard(records, training_args.world_size, training_args.process_index)
-    loader = DataLoader(
-        RecordDataset(shard),
-        batch_size=args.eval_batch_size or args.batch_size_per_gpu,
-        collate_fn=EvalCollator(processor, Path(args.data_dir) / IMAGE_DIR),
-        num_workers=args.dataloader_num_workers,
-    )
+    loader = shard_loader(records, EvalCollator(processor, data_paths(args)[2]), args, training_args)
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
     results = []
     for batch in loader:
         ids, answers = batch.pop("ids"), batch.pop("answers")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        output = model.generate(
-            **batch,
-            max_new_tokens=args.max_new_tokens,
-            eos_token_id=EOS_TOKEN_IDS,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            do_sample=False,
-            use_cache=True,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        predictions = processor.tokenizer.batch_decode(
-            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        # Greedy, stopping at <|end|> or <|endoftext|> (phi3v/conversation.py, as phi3v.predict).
+        predictions = generate_answers(model, processor, batch, args.max_new_tokens)
         results += [{"id": i, "prediction": p, "answer": a} for i, p, a in zip(ids, predictions, answers)]
     model.train(was_training)
     results = gather_object(results)  # rank order = contiguous shard order = file order
     if training_args.process_index != 0:
         return None
-    # Adapt: the metric. Exact match after strip().lower(), as the original.
+    # Adapt: the metric (--metric). exact: exact match after strip().strip(".").lower() (normalize_answer), as
+    # the original; anls: ANLS of free-form answers, as the DocVQA recipe (case-sensitive).
     predictions, answers = [r["prediction"] for r in results], [r["answer"] for r in results]
-    correct = [p.strip().lower() == a.strip().lower() for p, a in zip(predictions, answers)]
-    accuracy = sum(correct) / max(len(correct), 1)
-    out = {
-        "accuracy": accuracy,
-        "num_samples": len(results),
-        "confusion_matrix": confusion_matrix(predictions, answers),
-        "ids": [r["id"] for r in results],
-        "predictions": predictions,
-        "answers": answers,
-    }
+    if args.metric == "anls":
+        name, scores = "anls", [anls_score(p, a) for p, a in zip(predictions, answers)]
+    else:
+        name, scores = "accuracy", [float(exact_match(p, a)) for p, a in zip(predictions, answers)]
+    score = sum(scores) / max(len(scores), 1)
+    out = {"metric": name, name: score, "num_samples": len(results)}
+    if len({normalize_answer(a) for a in answers}) <= MAX_CONFUSION_CLASSES:
+        out["confusion_matrix"] = confusion_matrix(predictions, answers)
+    out.update(ids=[r["id"] for r in results], predictions=predictions, answers=answers, scores=scores)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    log(f"{out_path.name}: {name} {score:.4f} on {len(results)} samples")
+    return out
+
+
+@torch.no_grad()
+def evaluate_loss(model, processor, records, args, training_args, out_path: Path, log):
+    """--metric none: the held-out loss per answer token over the val lines (no generation); rank 0 writes it.
+
+    The model's own forward, not Trainer.evaluate: that cannot run before training under ZeRO-2.
+    """
+    from accelerate.utils import gather_object
+
+    records = records[: args.max_eval_samples]
+    loader = shard_loader(records, TrainCollator(processor, data_paths(args)[2]), args, training_args)
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for batch in loader:
+        # The loss is the mean over the supervised (shifted) positions of the batch: weight it by their count.
+        supervised = int((batch["labels"][:, 1:] != -100).sum())
+        loss_sum += float(model(**{k: v.to(device) for k, v in batch.items()}).loss) * supervised
+        tokens += supervised
+    model.train(was_training)
+    totals = gather_object([(loss_sum, tokens)])
+    if training_args.process_index != 0:
+        return None
+    loss = sum(s for s, _ in totals) / max(sum(n for _, n in totals), 1)
+    out = {"metric": "loss", "loss": loss, "num_samples": len(records), "answer_tokens": sum(n for _, n in totals)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
-    log(f"{out_path.name}: accuracy {accuracy:.4f} on {len(results)} samples")
+    log(f"{out_path.name}: held-out loss {loss:.4f} per answer token on {len(records)} samples")
     return out
 
 
@@ -926,7 +926,7 @@ def main(argv=None):
         )
     # Before the model is loaded: bad data fails in seconds, on every rank alike.
     train_records, val_records, train_lengths = load_data(args, processor, is_main, log)
-    image_dir = Path(args.data_dir) / IMAGE_DIR
+    image_dir = data_paths(args)[2]
 
     # --- model
     model, trainable, total = create_model(args, training_args)
@@ -940,9 +940,14 @@ def main(argv=None):
         data_collator=TrainCollator(processor, image_dir, packing=args.packing),
         train_dataset=RecordDataset(train_records, train_lengths),
         eval_dataset=RecordDataset(val_records[: args.max_eval_loss_samples]) if args.eval_steps > 0 else None,
+        processing_class=processor,  # saved into every checkpoint-N: each one has the num_crops trained with
+        # Every full fine-tuning checkpoint-N also becomes a drop-in model folder (and stays resumable).
+        callbacks=[phi3v.saving.DropInCheckpoints(args.model_name_or_path, processor.image_processor)],
     )
+    # --metric: the score of generated answers, or (none) the held-out loss alone.
+    run_eval = evaluate_loss if args.metric == "none" else evaluate
     if val_records:
-        evaluate(model, processor, val_records, args, training_args, output_dir / "eval_before.json", log)
+        run_eval(model, processor, val_records, args, training_args, output_dir / "eval_before.json", log)
     trainer.train(resume_from_checkpoint=resolve_checkpoint(args, log))
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -952,31 +957,27 @@ def main(argv=None):
     model = trainer.accelerator.unwrap_model(trainer.model)
     eval_after = None
     if val_records:
-        eval_after = evaluate(model, processor, val_records, args, training_args, output_dir / "eval_after.json", log)
+        eval_after = run_eval(model, processor, val_records, args, training_args, output_dir / "eval_after.json", log)
     if trainer.is_world_process_zero():
         save_plots(output_dir, trainer.state.log_history, eval_after, log)
 
     # --- saving
+    # Model folders are drop-in (phi3v/saving.py): they replace the base model's folder as is, also for the
+    # official remote code and vLLM (the base's config, tokenizer and .py files, weights in the base's dtype).
     if args.use_lora:
         if trainer.is_world_process_zero():
             # Only the adapter; lm_head carries LoRA but its frozen base weight need not be saved again.
             model.save_pretrained(str(output_dir), save_embedding_layers=False)
+            processor.save_pretrained(str(output_dir))  # its num_crops, for phi3v.merge and phi3v.predict
     else:
         trainer.save_model(str(output_dir))  # every rank takes part (DeepSpeed gathers the weights)
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(str(output_dir))
-    if args.merge_lora:
-        if args.use_qlora:
-            log(
-                "--merge_lora skipped for QLoRA: merging into 4-bit weights loses precision. Load the base "
-                "model in bf16/fp16, then PeftModel.from_pretrained(base, output_dir).merge_and_unload()."
-            )
-        else:
-            merged = model.merge_and_unload()
-            if trainer.is_world_process_zero():
-                merged.save_pretrained(str(output_dir / "merged"))
-                processor.save_pretrained(str(output_dir / "merged"))
-                log(f"merged model saved to {output_dir / 'merged'}")
+        if trainer.is_world_process_zero():
+            dtype = phi3v.saving.base_dtype(args.model_name_or_path)
+            phi3v.saving.finish_drop_in(output_dir, args.model_name_or_path, processor.image_processor, dtype)
+    if args.merge_lora and trainer.is_world_process_zero():
+        # As `python -m phi3v.merge`: the base reloaded in fp32 (also for QLoRA) and the saved adapter folded in.
+        phi3v.saving.save_merged(output_dir, output_dir / "merged", base=args.model_name_or_path)
+        log(f"merged model saved to {output_dir / 'merged'}")
     trainer.accelerator.wait_for_everyone()
     log(f"saved to {output_dir}")
 

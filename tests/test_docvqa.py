@@ -161,7 +161,10 @@ def answer_ids(tokenizer, answer):
 def test_anls_hand_computed():
     m = load_script()
     assert m.anls_score("cat", ["cat"]) == 1.0
-    assert m.anls_score("  cat. ", ["cat"]) == 1.0  # whitespace and dots around the prediction go
+    assert m.anls_score(m.clean_prediction("  cat. "), ["cat"]) == 1.0  # whitespace and dots around it go
+    # Cleaned once, as the original: "5 ." -> "5 " (1 edit / 2 chars = tau: 0); a second clean would give 1.
+    assert m.clean_prediction("5 .") == "5 " and m.anls_score(m.clean_prediction("5 ."), ["5"]) == 0.0
+    assert m.anls_score(m.clean_prediction(". 42"), ["42"]) == pytest.approx(2 / 3)  # " 42": 1 edit / 3 chars
     assert m.anls_score("cats", ["cat"]) == pytest.approx(0.75)  # 1 edit / 4 chars
     assert m.anls_score("Cat", ["cat"]) == pytest.approx(2 / 3)  # case counts: 1 edit / 3 chars
     assert m.anls_score("dog", ["cat"]) == 0.0
@@ -169,7 +172,7 @@ def test_anls_hand_computed():
     assert m.anls_score("abcde", ["abxye"]) == pytest.approx(0.6)  # 0.4 < tau
     assert m.anls_score("color", ["red", "colour"]) == pytest.approx(5 / 6)  # best gold answer
     assert m.anls_score("", ["cat"]) == 0.0
-    assert m.anls_score(" . ", ["."]) == 0.0  # empty after cleaning
+    assert m.anls_score(m.clean_prediction(" . "), ["."]) == 0.0  # empty after cleaning
     assert m.anls(["cat", "cats", "dog", ""], [["cat"], ["cat"], ["cat"], ["cat"]]) == pytest.approx(1.75 / 4)
     assert m.anls_score("ca", ["cat"], tau=0.3) == 0.0 and m.anls_score("ca", ["cat"]) == pytest.approx(2 / 3)
 

@@ -177,9 +177,9 @@ def test_collator_and_sample_lengths(script, tiny_model_dir, memes_dataset):
 
     # The preflight gives the same lengths, and marks (never truncates) the samples above --max_length.
     results = script.check_rows(memes_dataset.select(range(3)), processor, max_length=sorted(lengths)[1])
-    assert [length for _, length in results] == lengths
-    assert [bool(problems) for problems, _ in results] == [n > sorted(lengths)[1] for n in lengths]
-    assert any(f"{max(lengths)} tokens" in p and "> --max_length" in p for problems, _ in results for p in problems)
+    assert [length for _, length, _ in results] == lengths and [images for *_, images in results] == [1, 1, 1]
+    assert [bool(problems) for problems, *_ in results] == [n > sorted(lengths)[1] for n in lengths]
+    assert any(f"{max(lengths)} tokens" in p and "> --max_length" in p for problems, *_ in results for p in problems)
 
 
 def test_metrics(script):

@@ -208,11 +208,11 @@ def test_preflight_lengths_and_length_limit(tiny_model_dir, nlvr2_dir):
     assert min(expected) > 2 * 313  # 2 x 313 image tokens (num_crops 1) + text
     limit = max(n for i, n in enumerate(expected) if i % 2 == 0)  # the longest one-turn row fits
     assert all(expected[i] > limit for i in range(1, len(data), 2))  # two-turn rows are longer
-    problems, lengths = module.check_rows(data, processor.tokenizer, 1, limit, 0, "train")
-    assert list(lengths) == expected
+    problems, lengths, images = module.check_rows(data, processor.tokenizer, 1, limit, 0, "train")
+    assert list(lengths) == expected and set(images) == {2}
     assert [bool(p) for p in problems] == [i % 2 == 1 for i in range(len(data))]
     assert problems[1] == [f"{expected[1]} tokens (images included) > --max_length {limit}"]
-    problems, lengths = module.check_rows(data, processor.tokenizer, 1, None, 0, "eval")
+    problems, lengths, _ = module.check_rows(data, processor.tokenizer, 1, None, 0, "eval")
     assert not any(problems) and list(lengths) == expected
 
 

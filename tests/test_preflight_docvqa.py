@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from preflight_helpers import encode, fake_environment, parse_error, truncated_jpeg, unusual_images
+from preflight_helpers import encode, fake_environment, parse_error, refuse_model_weights, truncated_jpeg, unusual_images
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "finetune_hf_trainer_docvqa.py"
@@ -102,7 +102,6 @@ def base_args(tiny_model_dir, data: dict, out: Path, num_crops: int = 1) -> list
          "--batch_size 6 must be a multiple of world_size (2) x --batch_size_per_gpu (2)"),
         (["--use_flash_attention", "--bf16"], {"flash_attn": False}, "--use_flash_attention needs the flash-attn package"),
         (["--use_flash_attention", "--bf16"], {"flash_attn": True, "cuda": False}, "--use_flash_attention needs a CUDA GPU"),
-        (["--use_flash_attention"], {"flash_attn": True, "cuda": True}, "--use_flash_attention needs --bf16"),
         (["--use_qlora"], {"bitsandbytes": False}, "--use_qlora needs the bitsandbytes package"),
     ],
 )
@@ -275,5 +274,33 @@ def test_parallel_check_matches_serial(script, tiny_model_dir, tmp_path):
     parallel = script.check_rows(train, tokenizer, args, max_length=8192)
     args.dataloader_num_workers = 0
     assert parallel == script.check_rows(train, tokenizer, args, max_length=8192)
-    assert [i for i, (problems, _) in enumerate(parallel) if problems] == [5, 100]
+    assert [i for i, (problems, *_) in enumerate(parallel) if problems] == [5, 100]
     assert "corrupt or truncated image" in parallel[100][0][0]
+
+
+def test_preflight_only(script, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--preflight_only: every row measured (bad ones too), a summary printed and written, exit 0 when the data is
+    clean and 1 when not; no model weights loaded, nothing else written."""
+    from transformers import AutoProcessor
+
+    refuse_model_weights(monkeypatch)
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    broken = [mini_row(0), mini_row(1, image=None), mini_row(2, answers=["cat", ""]),  # no length; length counts
+              mini_row(3, image={"bytes": page("long", (200, 100)), "path": None})]  # 482 tokens at --num_crops 2
+    lengths = [script.sample_length(tokenizer, row, 2)[0] for row in broken if row["image"]]
+    for name, train, code in (("clean", None, 0), ("broken", broken, 1)):
+        out = tmp_path / f"out_{name}"
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(base_args(tiny_model_dir, write_data(tmp_path / name, train=train), out, num_crops=2)
+                        + ["--max_length", "400", "--preflight_only"])  # fmt: skip
+        assert exit_info.value.code == code
+        written = ["invalid_rows.jsonl", "preflight_summary.json"] if code else ["preflight_summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == written
+        summary = json.loads((out / "preflight_summary.json").read_text())
+        assert summary["clean"] is (code == 0) and (summary["num_crops"], summary["max_length"]) == (2, 400)
+        assert summary["splits"]["test"]["rows"] == 2 and summary["splits"]["test"]["invalid_rows"] == 0
+    train = summary["splits"]["train"]
+    assert (train["rows"], train["invalid_rows"], train["rows_without_length"], train["rows_over_max_length"]) == (4, 3, 1, 1)
+    assert train["images_per_row"] == {"0": 1, "1": 3} and train["tokens"]["max"] == 482
+    assert train["tokens"]["total"] == sum(lengths) and train["tokens"]["min"] == min(lengths)
+    assert "preflight only: 3 invalid row(s)" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from preflight_helpers import encode, fake_environment, parse_error, truncated_jpeg, unusual_images
+from preflight_helpers import encode, fake_environment, parse_error, refuse_model_weights, truncated_jpeg, unusual_images
 from cauldron_data import cauldron_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,6 @@ def script():
         (["--use_flash_attention", "--bf16"], {"cuda": False}, "--use_flash_attention needs a CUDA GPU"),
         (["--use_flash_attention", "--bf16"], {"cuda": True, "flash_attn": False},
          "--use_flash_attention needs the flash-attn package"),
-        (["--use_flash_attention"], {"cuda": True, "flash_attn": True}, "--use_flash_attention needs --bf16"),
         (["--use_qlora"], {"bitsandbytes": False}, "--use_qlora needs bitsandbytes"),
     ],
 )
@@ -322,7 +321,7 @@ def test_check_rows_in_worker_processes(script, tiny_model_dir, tmp_path):
     dataset = script.load_data(str(save_rows(rows, tmp_path / "rows150")), eval_size=0)[0]
     serial = script.check_rows(dataset, processor, max_length=8192, workers=0)
     assert script.check_rows(dataset, processor, max_length=8192, workers=2) == serial
-    assert [i for i, (problems, _) in enumerate(serial) if problems] == [3, 70]
+    assert [i for i, (problems, *_) in enumerate(serial) if problems] == [3, 70]
 
 
 def test_nothing_left_to_train(script, tiny_model_dir, tmp_path):
@@ -337,3 +336,32 @@ def test_nothing_left_to_train(script, tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         script.main([str(a) for a in preflight_args(tiny_model_dir, data, out, "--eval_size", 10, "--skip_invalid")])
     assert str(exit_info.value.code) == "no training rows: the dataset has 5 rows and --eval_size holds out 10"
+
+
+def test_preflight_only(script, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--preflight_only: every row measured (bad ones too), a summary printed and written, exit 0 when the data is
+    clean and 1 when not; no model weights loaded, nothing else written."""
+    from transformers import AutoProcessor
+
+    refuse_model_weights(monkeypatch)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    rows = [good_row(i) for i in range(6)]
+    rows[3] = {**rows[3], **texts(assistant="")}  # invalid, but its length counts
+    rows[4] = {**rows[4], "images": []}  # invalid, no length
+    rows[5] = {**rows[5], **texts(user="Is this meme hateful? " * 120)}  # over --max_length 400
+    lengths = [script.sample_length(processor, row["images"][0], row["texts"][0]["user"], row["texts"][0]["assistant"])[0]
+               for row in rows if row["images"]]  # fmt: skip
+    for name, data, code in (("clean", [good_row(i) for i in range(6)], 0), ("broken", rows, 1)):
+        out = tmp_path / f"out_{name}"
+        argv = preflight_args(tiny_model_dir, save_rows(data, tmp_path / name), out, "--preflight_only", "--max_length", 400)
+        assert run_main(script, argv) == code
+        written = ["invalid_rows.jsonl", "preflight_summary.json"] if code else ["preflight_summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == written
+        summary = json.loads((out / "preflight_summary.json").read_text())
+        assert summary["clean"] is (code == 0) and list(summary["splits"]) == ["eval", "train"]
+        assert summary["splits"]["eval"]["rows"] == EVAL_SIZE and summary["splits"]["eval"]["invalid_rows"] == 0
+    train = summary["splits"]["train"]
+    assert (train["rows"], train["invalid_rows"], train["rows_without_length"], train["rows_over_max_length"]) == (4, 3, 1, 1)
+    assert train["images_per_row"] == {"0": 1, "1": 3}
+    assert train["tokens"]["max"] == lengths[-1] > 400 and train["tokens"]["total"] == sum(lengths[EVAL_SIZE:])
+    assert "preflight only: 3 invalid row(s)" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from PIL import Image
 
 import finetune_hf_trainer_ucf101 as recipe
 from preflight_helpers import parse_error, truncated_jpeg, unusual_images
+from phi3v.validation import load_image
 
 SCRIPT = "finetune_hf_trainer_ucf101.py"
 PROMPT = "Classify the video into one of the following classes: Archery, BabyCrawling."
@@ -215,8 +216,8 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     assert [h["step"] for h in history if "loss" in h] == [1]
     assert not (output_dir / "invalid_rows.jsonl").exists() and not (output_dir / "skipped_rows.jsonl").exists()
     # The collator sees what the preflight checked: EXIF-rotated frames come out upright (40 wide).
-    assert rels[4].endswith("exif_rotated.jpg") and recipe.load_image(root / "images" / rels[4]).size == (40, 90)
-    sizes = [recipe.load_image(root / "images" / rel).size for rel in rels]
+    assert rels[4].endswith("exif_rotated.jpg") and load_image(root / "images" / rels[4]).size == (40, 90)
+    sizes = [load_image(root / "images" / rel).size for rel in rels]
     assert sizes == [image.size for image in unusual_images().values()]
 
 

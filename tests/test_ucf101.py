@@ -72,7 +72,9 @@ def check_eval_files(output_dir: Path, data_dir: Path, num_samples: int):
         assert result["num_samples"] == num_samples
         assert result["answers"] == expected_answers  # the last answer of every line, in file order
         assert len(result["predictions"]) == num_samples and all(isinstance(p, str) for p in result["predictions"])
-        correct = [p.strip().lower() == a.strip().lower() for p, a in zip(result["predictions"], result["answers"])]
+        # The original's normalisation on both sides: whitespace, then periods, then case.
+        correct = [p.strip().strip(".").lower() == a.strip().strip(".").lower()
+                   for p, a in zip(result["predictions"], result["answers"])]  # fmt: skip
         assert result["accuracy"] == pytest.approx(sum(correct) / num_samples)
         cm = result["confusion_matrix"]  # rows: gold classes; columns: classes + "(other)"
         assert cm["labels"] == sorted(set(expected_answers), key=str.lower)
@@ -175,8 +177,39 @@ def test_confusion_matrix():
     assert recipe.confusion_matrix(predictions, answers) == {
         "labels": ["Archery", "BabyCrawling"],
         "columns": ["Archery", "BabyCrawling", "(other)"],
-        "matrix": [[2, 0, 1], [0, 2, 0]],  # "Archery." is not an exact match (as the metric)
+        "matrix": [[3, 0, 0], [0, 2, 0]],  # "Archery." matches: the metric strips periods, as the original
     }
+    assert recipe.confusion_matrix(["Arch"], ["Archery"])["matrix"] == [[0, 1]]  # anything else is "(other)"
+
+
+def test_eval_scores_answers_as_the_original(tiny_model_dir, data_dir, tmp_path):
+    """The script's real evaluation on the tiny model: gold answers that differ from what the model says only
+    by the spelling the original forgives (strip(), then strip('.'), then lower(), e.g. "BabyCrawling." for
+    "BabyCrawling") count as right in the accuracy and in the confusion matrix."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    argv = ["--data_dir", data_dir, "--output_dir", tmp_path / "out", "--model_name_or_path", tiny_model_dir,
+            "--num_crops", 1, "--max_new_tokens", 3, "--eval_batch_size", 2, "--deepspeed", "none",
+            "--dataloader_num_workers", 0]  # fmt: skip
+    args = recipe.parse_args([str(a) for a in argv])
+    training_args = recipe.build_training_args(args)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, num_crops=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    val = records(data_dir, "val")
+    said = recipe.evaluate(model, processor, val, args, training_args, tmp_path / "said.json", print)["predictions"]
+
+    respelled = copy.deepcopy(val)  # the last answer of each line (the one generated) becomes " {said}. "
+    for record, prediction in zip(respelled, said):
+        record["conversations"][-1]["assistant"] = f" {prediction.strip()}. "
+    result = recipe.evaluate(model, processor, respelled, args, training_args, tmp_path / "eval.json", print)
+    assert result["predictions"] == said  # the gold answer is not part of the prompt
+    assert result["answers"] == [f" {p.strip()}. " for p in said]
+    assert result["accuracy"] == 1.0
+    cm = result["confusion_matrix"]
+    assert sum(cm["matrix"][i][i] for i in range(len(cm["labels"]))) == len(val) == sum(map(sum, cm["matrix"]))
+    assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == 1.0
 
 
 def test_save_plots(tmp_path, drawn_figures):
@@ -188,7 +221,8 @@ def test_save_plots(tmp_path, drawn_figures):
         {"step": 3, "loss": 1.0, "learning_rate": 0.0},
         {"step": 3, "train_runtime": 1.0, "train_loss": 4.3},
     ]
-    eval_after = {"accuracy": 0.5, "confusion_matrix": recipe.confusion_matrix(["Archery", "x"], ["Archery", "Run"])}
+    eval_after = {"metric": "accuracy", "accuracy": 0.5,
+                  "confusion_matrix": recipe.confusion_matrix(["Archery", "x"], ["Archery", "Run"])}
     recipe.save_plots(tmp_path, history, eval_after, print)
     assert drawn_figures["loss_curve.png"] == {
         "train loss": [[1, 9.0], [2, 3.0], [3, 1.0]],
@@ -342,15 +376,14 @@ def test_data_dir_layout_errors(tmp_path, capsys):
 
 
 def test_flash_attention_checks(data_dir, capsys, monkeypatch):
-    """No flash-attn (or no CUDA) here; with both faked, fp16 + flash attention is still refused."""
+    """No flash-attn (or no CUDA) here; with both faked, flash attention alone trains in bf16 (as the original)."""
     with pytest.raises(SystemExit):
         recipe.parse_args(["--data_dir", str(data_dir), "--use_flash_attention", "--bf16"])
     assert "--use_flash_attention needs" in capsys.readouterr().err
     monkeypatch.setattr(recipe.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(recipe.torch.cuda, "is_available", lambda: True)
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--data_dir", str(data_dir), "--use_flash_attention"])
-    assert "--use_flash_attention needs --bf16" in capsys.readouterr().err
+    args = recipe.parse_args(["--data_dir", str(data_dir), "--use_flash_attention"])
+    assert args.bf16 and recipe.precision(args) == (torch.bfloat16, True, False)
     args = recipe.parse_args(["--data_dir", str(data_dir), "--use_flash_attention", "--bf16", "--use_qlora"])
     assert args.use_lora and args.deepspeed is None  # QLoRA implies LoRA, never DeepSpeed
 

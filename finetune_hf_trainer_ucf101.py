@@ -84,7 +84,7 @@ from phi3v.conversation import (
     concat_images,
     conversation_length,
     conversation_problems,
-    frame_problems,
+    image_problems,
     encode_conversation,
     exact_match,
     generate_answers,
@@ -361,20 +361,20 @@ def read_jsonl(path: Path, name: str, limit: int | None, report) -> list[tuple[i
     return records
 
 
-def _frame_problems_chunk(records: list[dict], image_dir: Path) -> list[list[str]]:
-    return [frame_problems(record, image_dir) for record in records]
+def _image_problems_chunk(records: list[dict], image_dir: Path) -> list[list[str]]:
+    return [image_problems(record, image_dir) for record in records]
 
 
-def check_frames(records: list[dict], image_dir: Path, workers: int) -> list[list[str]]:
-    """frame_problems of every record; decoding (the slow part) in `workers` processes if > 1."""
+def check_images(records: list[dict], image_dir: Path, workers: int) -> list[list[str]]:
+    """image_problems of every record; decoding (the slow part) in `workers` processes if > 1."""
     chunks = [records[i : i + 32] for i in range(0, len(records), 32)]
     if workers > 1 and len(chunks) > 1:
         # fork (where there is one): no re-import of torch in every worker.
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         with context.Pool(min(workers, len(chunks))) as pool:
-            results = pool.starmap(_frame_problems_chunk, [(chunk, image_dir) for chunk in chunks])
+            results = pool.starmap(_image_problems_chunk, [(chunk, image_dir) for chunk in chunks])
     else:
-        results = [_frame_problems_chunk(chunk, image_dir) for chunk in chunks]
+        results = [_image_problems_chunk(chunk, image_dir) for chunk in chunks]
     return [problems for chunk in results for problems in chunk]
 
 
@@ -392,7 +392,7 @@ def line_size(processor, record, image_dir: Path, num_crops: int) -> tuple[int |
         return images, None, None
     try:
         return images, *conversation_length(processor, turns, image_dir, num_crops)
-    except InvalidSample:  # an image file missing or not an image (reported by check_frames)
+    except InvalidSample:  # an image file missing or not an image (reported by check_images)
         return images, None, None
 
 
@@ -440,7 +440,7 @@ def load_data(args, processor, is_main: bool, log):
                 report.add(where, problem, key=(name, line_no))
             if record is not None and not problems:
                 shaped.append((line_no, record, where))
-        frames = check_frames([record for _, record, _ in shaped], image_dir, args.dataloader_num_workers)
+        frames = check_images([record for _, record, _ in shaped], image_dir, args.dataloader_num_workers)
         for (line_no, record, where), problems in zip(shaped, frames):
             for problem in problems:
                 report.add(where, problem, key=(name, line_no))

@@ -132,15 +132,15 @@ def conversation_problems(record, answer_required: bool = True) -> list[str]:
     return problems
 
 
-def frame_problems(record: dict, image_dir: Path) -> list[str]:
-    """Every listed image ("frame") must decode completely (a truncated JPEG only shows when decoded)."""
+def image_problems(record: dict, image_dir: Path) -> list[str]:
+    """Every listed image (a photo, a page, a video frame) must decode completely (a truncated JPEG only shows when decoded)."""
     problems = []
     for turn in record["conversations"]:
         for rel in turn.get("images") or []:
             try:
                 load_image(Path(image_dir) / rel)
             except InvalidSample as e:
-                problems.append(f"frame {rel}: {e}")
+                problems.append(f"image {rel}: {e}")
     return problems
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from phi3v.conversation import conversation_problems, exact_match, frame_problems, generate_answers, generation_batch
+from phi3v.conversation import conversation_problems, exact_match, image_problems, generate_answers, generation_batch
 from phi3v.validation import Preflight
 
 
@@ -93,7 +93,7 @@ def read_data(args) -> tuple[list[dict], Path]:
     records = []
     for line_no, record in lines:
         problems = conversation_problems(record, answer_required=False)
-        problems = problems or frame_problems(record, image_dir)  # every image decoded: truncation shows
+        problems = problems or image_problems(record, image_dir)  # every image decoded: truncation shows
         for problem in problems:
             preflight.add(where(line_no, record), problem)
         if not problems:
@@ -134,15 +134,16 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's gather below runs on the current device
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    base = args.model
     try:
         if args.adapter:
             base = args.model or adapter_base(args.adapter)
             model = load_with_adapter(args.adapter, base, dtype=dtype)  # unmerged, as the recipe's eval
         else:
-            base = args.model
             model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except (ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+        what = f"--adapter {args.adapter}" + (f" on {base}" if base else "") if args.adapter else f"--model {base}"
+        sys.exit(f"error: cannot load {what} (a model folder, or a hub id in the local cache): {err}")
     processor = run_processor(args.adapter or args.model, base, args.num_crops)
     model.to(device).eval()
     if rank == 0:

@@ -174,5 +174,5 @@ def test_preflight_only_broken(tiny_model_dir, tmp_path, capsys, no_weights):
                                                                  for i in (0, 2, 3, 5)])  # fmt: skip
     captured = capsys.readouterr()
     assert "5 invalid row(s)" in captured.err and "> --max_length 600" in captured.err
-    assert "my_train.jsonl line 1 (id train-0): frame train/0000.png: image file not found" in captured.err
+    assert "my_train.jsonl line 1 (id train-0): image train/0000.png: image file not found" in captured.err
     assert "preflight only: 5 invalid row(s), listed in" in captured.out and "Traceback" not in captured.err

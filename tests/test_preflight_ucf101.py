@@ -121,9 +121,9 @@ BAD_DATA = [
      "ucf101_val.jsonl line 1 (id val-0000000010): conversations[0]: empty or missing assistant text"),
     ("image_tag_in_text", spoil_image_tag, "{where}: conversations[0]: user text has its own image tags"),
     ("images_not_list", spoil_images_not_list, "{where}: conversations[0]: 'images' must be a list of frame paths"),
-    ("missing_frame", spoil_missing_frame, "{where}: frame {frame}: image file not found"),
-    ("truncated_frame", spoil_truncated_frame, "{where}: frame {frame}: corrupt or truncated image"),
-    ("not_an_image", spoil_not_an_image, "{where}: frame {frame}: not an image"),
+    ("missing_frame", spoil_missing_frame, "{where}: image {frame}: image file not found"),
+    ("truncated_frame", spoil_truncated_frame, "{where}: image {frame}: corrupt or truncated image"),
+    ("not_an_image", spoil_not_an_image, "{where}: image {frame}: not an image"),
     ("too_long", spoil_too_long, "{where}: 9"),  # "9xx tokens (939 of them image tokens) > --max_length 800"
 ]  # fmt: skip
 

@@ -275,18 +275,27 @@ def test_predict_bad_input_one_report(tiny_model_dir, photos, tmp_path, capsys, 
     report = str(exit_info.value.code)
     assert report.startswith("5 invalid row(s) in ")
     for expected in ("bad.jsonl line 2: not valid JSON", "bad.jsonl line 3 (id no-user): conversations[0]: empty "
-                     "or missing user text", "bad.jsonl line 4 (id missing): frame nowhere.png: image file not found",
-                     "bad.jsonl line 5 (id cut): frame broken.png: corrupt or truncated image",
+                     "or missing user text", "bad.jsonl line 4 (id missing): image nowhere.png: image file not found",
+                     "bad.jsonl line 5 (id cut): image broken.png: corrupt or truncated image",
                      "bad.jsonl line 6 (id tagged): conversations[0]: user text has its own image tags"):
         assert expected in report, expected
     assert "bad.jsonl line 1" not in report
     with pytest.raises(SystemExit) as exit_info:
         predict.main(["--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.jpg"), "--prompt", "hi"])
-    assert "the query: frame " in str(exit_info.value.code) and "not found" in str(exit_info.value.code)
+    assert "the query: image " in str(exit_info.value.code) and "not found" in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
         predict.main(["--model", str(tiny_model_dir), "--prompt", "hi", "--data", str(data)])
     assert exit_info.value.code == 2
 
+
+
+def test_predict_unloadable_model_is_one_clear_error(photos, tmp_path):
+    """A --model or --adapter that is no model folder: one line naming the flag and the folder, no traceback."""
+    data = write_jsonl(tmp_path / "ok.jsonl", val_records(photos)[:1])
+    for flag, folder in (("--model", tmp_path / "no-such-model"), ("--adapter", tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main([flag, str(folder), "--data", str(data), "--image_dir", str(photos / "photos")])
+        assert str(exit_info.value.code).startswith(f"error: cannot load {flag} {folder}"), exit_info.value.code
 
 def test_predict_torchrun_keeps_input_order(tiny_model_dir, tmp_path, run_script):
     """Two processes (gloo): the lines are sharded and gathered back in input order, the same as one process."""

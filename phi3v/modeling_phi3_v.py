@@ -46,6 +46,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.utils import can_return_tuple
 
 from .configuration_phi3_v import Phi3VConfig
 
@@ -158,8 +159,9 @@ class Phi3VImageEmbedding(nn.Module):
             grid = grid.reshape(1, rows * side, cols * side, -1)
             tokens += [self._with_row_separators(grid)[0], glb_gn, global_image]
         projection_in = torch.cat(tokens, dim=0)
-        first = self.img_projection[0]
-        return self.img_projection(projection_in.to(device=first.bias.device, dtype=first.bias.dtype))
+        # dtype only: under a device_map, accelerate's hook brings the input to the projector's device
+        # (an offloaded projector's own weights are on "meta" until then).
+        return self.img_projection(projection_in.to(self.img_projection[0].bias.dtype))
 
     def vision_anchor(self) -> torch.Tensor:
         """A zero that depends on every trainable vision parameter (for batches without images)."""
@@ -181,12 +183,15 @@ class Phi3VImageEmbedding(nn.Module):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        embed_tokens: nn.Embedding,
+        text_embeds: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
     ) -> torch.Tensor:
+        """`text_embeds`: the token embeddings of `input_ids` (any id at the image positions). A tensor,
+        not the embedding module: accelerate's device_map hooks move every argument with `.to()`, which
+        would move (or, offloaded, fail on) the shared embedding itself."""
         is_image = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
-        hidden = embed_tokens(input_ids.clamp(min=0, max=embed_tokens.num_embeddings - 1))
+        hidden = text_embeds
         num_positions = int(is_image.sum())
         if num_positions == 0:
             if self._anchor_needed():
@@ -205,12 +210,13 @@ class Phi3VImageEmbedding(nn.Module):
                 "Every <|image_k|> tag must be expanded by the processor with the same images and num_crops, "
                 "and image tokens must never be truncated."
             )
-        hidden = hidden.index_put(is_image.nonzero(as_tuple=True), features.to(hidden.dtype))
+        hidden = hidden.index_put(is_image.nonzero(as_tuple=True), features.to(hidden.device, hidden.dtype))
         return self.drop(hidden)
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config_class = Phi3VConfig
+    input_modalities = ("image", "text")
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
 
     @torch.no_grad()
@@ -252,7 +258,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-            inputs_embeds = self.vision_embed_tokens(input_ids, self.embed_tokens, pixel_values, image_sizes)
+            text_embeds = self.embed_tokens(input_ids.clamp(min=0, max=self.embed_tokens.num_embeddings - 1))
+            inputs_embeds = self.vision_embed_tokens(input_ids, text_embeds, pixel_values, image_sizes)
         if attention_mask is None and past_key_values is None and position_ids is not None and use_cache is not False:
             # A packed row (`pack_examples`: positions restart at every sample, no mask). transformers
             # finds the sample boundaries from the restarts only when no cache is passed, so the cache
@@ -303,6 +310,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         model.model.vision_embed_tokens.freeze_unused_vision_layers()
         return model
 
+    # `return_dict=False` (or config.return_dict False) gives `to_tuple()` of the output, as transformers'
+    # causal LMs do: (loss, logits, past_key_values, ...) with the None entries left out.
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -328,6 +338,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             image_sizes=image_sizes,
             use_cache=use_cache,
             **kwargs,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
 
@@ -379,3 +390,24 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_sizes", None)
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and num_return_sequences repeat every row `expand_size` times. transformers repeats
+        every tensor along its first dim, but `pixel_values`/`image_sizes` list images, not rows: a row's
+        images must repeat as a group ([a, b] -> [a, b, a, b], not [a, a, b, b]) to stay in reading order."""
+        images = {key: model_kwargs.pop(key) for key in ("pixel_values", "image_sizes") if key in model_kwargs}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and images.get("pixel_values") is not None and input_ids is not None:
+            # Tags number each row's images 1..n, so the most negative id of a row is -n.
+            is_image = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
+            images_per_row = torch.where(is_image, -input_ids, 0).amax(dim=1).tolist()
+            starts = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+            order = [i for start, n in zip(starts, images_per_row) for _ in range(expand_size)
+                     for i in range(start, start + n)]
+            if len(order) != expand_size * len(images["pixel_values"]):  # forward will name the mismatch
+                order = torch.arange(len(images["pixel_values"])).repeat_interleave(expand_size)
+            images = {key: None if value is None else torch.as_tensor(value)[order] for key, value in images.items()}
+        model_kwargs.update(images)
+        return expanded_ids, model_kwargs

@@ -8,9 +8,18 @@ that the official checkpoint folders (or hub ids) load with the usual calls:
 
     model = AutoModelForCausalLM.from_pretrained("microsoft/Phi-3.5-vision-instruct", dtype="auto")
     processor = AutoProcessor.from_pretrained("microsoft/Phi-3.5-vision-instruct", num_crops=4)
+
+`AutoModelForImageTextToText` loads the same class, so `pipeline("image-text-to-text", model=...)` works.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the top-level name needs torchvision
 
 from .configuration_phi3_v import Phi3VConfig
 from .modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
@@ -20,8 +29,13 @@ from .training import fix_4bit_cpu_gradients, last_complete_checkpoint, lora_tar
 
 AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
+AutoModelForImageTextToText.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
 AutoImageProcessor.register(Phi3VConfig, slow_image_processor_class=Phi3VImageProcessor, exist_ok=True)
 AutoProcessor.register(Phi3VConfig, Phi3VProcessor, exist_ok=True)
+# No video processor (the processor takes frames as images). Said explicitly because the official
+# preprocessor_config.json names remote code: without a local entry, the video processor that
+# pipeline("image-text-to-text") probes for would ask interactively whether to trust that code.
+AutoVideoProcessor.register(Phi3VConfig, None, exist_ok=True)
 
 __all__ = [
     "Phi3VConfig",

@@ -465,6 +465,15 @@ class Phi3VProcessor(ProcessorMixin):
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Text of generated sequences that still hold the prompt (the image-text-to-text pipeline
+        decodes those): image positions are negative ids, which the tokenizer cannot decode, so they
+        are left out."""
+        sequences = torch.as_tensor(generated_outputs)
+        rows = [[i for i in row if i >= 0] for row in sequences.reshape(-1, sequences.shape[-1]).tolist()]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
+        return texts if sequences.dim() > 1 else texts[0]
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]

@@ -132,6 +132,22 @@ def test_pipeline_answers_several_images_in_one_prompt(image_pipeline, model, pr
     assert out[0]["generated_token_ids"].tolist() == expected[0].tolist()
 
 
+def test_batched_pipeline_with_left_padding_answers_each_prompt_as_alone(image_pipeline, model, processor):
+    # A list of prompts is one padded batch (one answer each); generate needs the padding on the left (the official
+    # tokenizer pads on the right, for training), as with every decoder-only model in transformers.
+    images = [[picture(400, 300, 1)], [picture(400, 300, 2), picture(200, 500, 3)]]
+    image_pipeline.processor.tokenizer.padding_side = "left"
+    try:
+        out = image_pipeline(images=images, text=[PROMPT, TWO_IMAGES],
+                             return_tensors=True, generate_kwargs=dict(FIXED_LENGTH))
+    finally:
+        image_pipeline.processor.tokenizer.padding_side = "right"
+    for answer, prompt, prompt_images in zip(out, [PROMPT, TWO_IMAGES], images):
+        inputs = processor(prompt, prompt_images)
+        expected = new_tokens(greedy(model, inputs), inputs)[0]
+        assert answer["generated_token_ids"][-len(expected):].tolist() == expected.tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # return_dict=False
 

@@ -132,6 +132,25 @@ def test_pipeline_answers_several_images_in_one_prompt(image_pipeline, model, pr
     assert out[0]["generated_token_ids"].tolist() == expected[0].tolist()
 
 
+@pytest.mark.skipif("apply_chat_template" not in vars(phi3v.Phi3VProcessor),
+                    reason="needs Phi3VProcessor.apply_chat_template with typed messages (branch chat)")
+def test_pipeline_answers_typed_chat_messages_as_generate_does(image_pipeline, model, processor, tmp_path):
+    image, second = picture(400, 300, 2), picture(200, 500, 3)
+    second.save(tmp_path / "second.png")  # lossless: the same pixels
+    content = [{"type": "image", "image": image}, {"type": "image", "path": str(tmp_path / "second.png")},
+               {"type": "text", "text": "Compare the two pictures."}]
+    messages = [{"role": "user", "content": content}]
+    inputs = processor(TWO_IMAGES, [image, second])
+    expected = greedy(model, inputs)
+    out = image_pipeline(text=messages, return_tensors=True, generate_kwargs=dict(FIXED_LENGTH))
+    assert out[0]["generated_token_ids"].tolist() == expected[0].tolist()
+    # The chat comes back with the answer as a new assistant turn.
+    chat = image_pipeline(text=messages, generate_kwargs=dict(FIXED_LENGTH))[0]["generated_text"]
+    answer = processor.batch_decode(new_tokens(expected, inputs), skip_special_tokens=True)[0]
+    assert chat[:-1] == messages and chat[-1]["role"] == "assistant"
+    assert chat[-1]["content"].lstrip() == answer.lstrip()
+
+
 def test_batched_pipeline_with_left_padding_answers_each_prompt_as_alone(image_pipeline, model, processor):
     # A list of prompts is one padded batch (one answer each); generate needs the padding on the left (the official
     # tokenizer pads on the right, for training), as with every decoder-only model in transformers.

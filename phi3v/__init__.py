@@ -15,6 +15,7 @@ that the official checkpoint folders (or hub ids) load with the usual calls:
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -28,6 +29,7 @@ from .processing_phi3_v import Phi3VImageProcessor, Phi3VProcessor, num_image_to
 from .training import fix_4bit_cpu_gradients, last_complete_checkpoint, lora_target_modules
 
 AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
+AutoModel.register(Phi3VConfig, Phi3VModel, exist_ok=True)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
 AutoModelForImageTextToText.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)
 AutoImageProcessor.register(Phi3VConfig, slow_image_processor_class=Phi3VImageProcessor, exist_ok=True)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.generation.logits_process import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
@@ -214,6 +215,18 @@ class Phi3VImageEmbedding(nn.Module):
         return self.drop(hidden)
 
 
+class ImagePositionsSkipped(LogitsProcessor):
+    """Runs a logits processor that indexes the vocabulary with the sequence's ids (the repetition
+    penalty) on ids where the image positions (negative ids) read as one id past the vocabulary,
+    which it leaves out: images are not tokens that could repeat."""
+
+    def __init__(self, processor: LogitsProcessor):
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(input_ids.masked_fill(input_ids < 0, scores.shape[-1]), scores)
+
+
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config_class = Phi3VConfig
     input_modalities = ("image", "text")
@@ -378,8 +391,10 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, pixel_values=None, image_sizes=None, inputs_embeds=None, **kwargs
+    ):  # inputs_embeds named: generate() accepts it only where this signature has it
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         step_ids = model_inputs.get("input_ids")
         # The images are needed whenever image positions are (re)computed: the first step, and the
         # step where the cache is dropped because the sequence crossed the short/long RoPE switch.
@@ -390,6 +405,13 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("image_sizes", None)
         return model_inputs
+
+    def _get_logits_processor(self, *args, **kwargs):
+        processors = super()._get_logits_processor(*args, **kwargs)
+        for index, processor in enumerate(processors):
+            if isinstance(processor, RepetitionPenaltyLogitsProcessor):
+                processors[index] = ImagePositionsSkipped(processor)
+        return processors
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat every row `expand_size` times. transformers repeats

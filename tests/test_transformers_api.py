@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 import phi3v
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -34,6 +35,14 @@ def picture(width, height, seed=0):
     draw.rectangle((0, 0, width // 2, height // 2), fill=tuple(torch.randint(0, 255, (3,), generator=g).tolist()))
     draw.line((0, 0, width, height), fill=(255, 255, 0), width=max(1, width // 20))
     return image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_random_state():
+    """These tests draw random numbers (seeded sampling, new embedding rows, a random Phi-3): the global
+    generator is left as it was found, so the tests that run after them see the same state."""
+    with torch.random.fork_rng():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +95,11 @@ def test_auto_model_for_image_text_to_text_loads_phi3v(tiny_model_dir, model, on
     assert auto.input_modalities == ("image", "text")
     with torch.no_grad():
         torch.testing.assert_close(auto(**one_image).logits, model(**one_image).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tiny_model_dir).eval()  # the decoder with the image embedder, no lm_head
+    assert type(base) is phi3v.Phi3VModel
+    with torch.no_grad():
+        torch.testing.assert_close(base(**one_image).last_hidden_state, model.model(**one_image).last_hidden_state,
+                                   rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +279,31 @@ def test_output_scores_are_the_logits_of_each_greedy_step(model, one_image):
     with torch.no_grad():
         first_step = model(**one_image).logits[0, -1]
     torch.testing.assert_close(out.logits[0][0], first_step, rtol=1e-5, atol=1e-5)
+
+
+def test_repetition_penalty_skips_the_image_positions(model, one_image):
+    penalty = 1.5
+    with torch.no_grad():
+        out = model.generate(**one_image, do_sample=False, repetition_penalty=penalty, output_scores=True,
+                             return_dict_in_generate=True, **FIXED_LENGTH)
+        logits = model(**one_image).logits[0, -1]
+    # The first step by hand: every text token of the prompt penalised, the image positions ignored.
+    seen = one_image["input_ids"][0][one_image["input_ids"][0] >= 0].unique()
+    expected = logits.clone()
+    expected[seen] = torch.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+    torch.testing.assert_close(out.scores[0][0], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expected, logits)
+
+
+def test_generate_from_inputs_embeds(model, two_images):
+    # Embeddings computed once (images included) and handed to generate() instead of input_ids.
+    with torch.no_grad():
+        ids = two_images["input_ids"]
+        embeds = model.model.vision_embed_tokens(ids, model.model.embed_tokens(ids.clamp(min=0)),
+                                                 two_images["pixel_values"], two_images["image_sizes"])
+        from_embeds = model.generate(inputs_embeds=embeds, attention_mask=two_images["attention_mask"],
+                                     do_sample=False, **FIXED_LENGTH)
+    assert from_embeds.tolist() == new_tokens(greedy(model, two_images), two_images).tolist()
 
 
 def test_static_cache_gives_the_dynamic_cache_tokens(model, processor):

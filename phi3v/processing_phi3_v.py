@@ -35,12 +35,18 @@ processor does. It also takes a batch: a list of prompts with a list of images p
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import math
+import os
 import re
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -50,11 +56,31 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
+from .validation import InvalidSample, load_image
+
 CROP_SIZE = 336
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 RESIZE_BACKENDS = ("pil", "torch")
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+IMAGE_SOURCE_KEYS = ("image", "path", "url", "base64")  # transformers 5's keys of an image part
+VIDEO_SOURCE_KEYS = ("video", "path", "url")
+DEFAULT_VIDEO_FRAMES = 8  # frames cut from a video file, as convert_ucf101.py's default
+
+# The official chat template with `{% generation %}` around each assistant answer and its `<|end|>\n`.
+# It renders the same text as the official one (tests/test_chat_messages.py checks it), so the same
+# tokens; the markers only tell `apply_chat_template(..., return_assistant_tokens_mask=True)`, and
+# TRL's `assistant_only_loss`, which tokens are the answers. Set it on the processor for training
+# (`processor.chat_template = ASSISTANT_MASK_CHAT_TEMPLATE`); the tokenizer keeps the official one.
+ASSISTANT_MASK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' + '\n' }}{% generation %}{{ message['content'] + '<|end|>\n' }}{% endgeneration %}"
+    "{% else %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{- '<|assistant|>\n' -}}{% endif %}"
+)
 
 
 def check_resize_backend(resize_backend) -> str:
@@ -106,6 +132,105 @@ def num_image_tokens(width: int, height: int, num_crops: int, tokens_per_crop: i
     rows, cols = padded_h // CROP_SIZE, padded_w // CROP_SIZE
     side = int(math.isqrt(tokens_per_crop))  # 12 merged patches per crop side
     return (rows * cols + 1) * tokens_per_crop + 1 + (rows + 1) * side
+
+
+def _local_path(value, what: str) -> Path:
+    """A path, or a file:// URL, as a local path."""
+    if isinstance(value, str) and value.startswith("file://"):
+        return Path(url2pathname(urlparse(value).path))
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ValueError(f"{what} must be a path or a file:// URL, got {type(value).__name__}")
+
+
+def _base64_bytes(value: str) -> bytes:
+    """The bytes of a base64 string, raw or as a data URI (data:image/png;base64,....)."""
+    if not isinstance(value, str):
+        raise ValueError(f"'base64' must be a string, got {type(value).__name__}")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"a data URI must be base64-encoded (data:<type>;base64,...), got {header!r}")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"not valid base64: {err}") from None
+
+
+def _one_source(part: dict, keys: tuple[str, ...]) -> tuple[str, object]:
+    found = [key for key in keys if key in part]
+    if len(found) != 1:
+        named = ", ".join(repr(k) for k in keys)
+        raise ValueError(f"a {part['type']} part needs exactly one of {named}; it has {sorted(part)}")
+    return found[0], part[found[0]]
+
+
+def load_image_part(part: dict) -> Image.Image:
+    """The RGB image of a typed `{"type": "image", ...}` part (transformers 5's keys), opened with
+    `phi3v.validation.load_image` as the recipes open their images (EXIF, transparency, 16-bit).
+
+    `image`: a PIL image (or anything load_image takes: path, bytes, a datasets cell); `path`: a local
+    path or file:// URL; `url`: file://, http(s):// (where the network allows) or a base64 data URI;
+    `base64`: a data URI or raw base64. Raises ValueError with the reason.
+    """
+    key, value = _one_source(part, IMAGE_SOURCE_KEYS)
+    try:
+        if key == "image":
+            return load_image(value)
+        if key == "path":
+            return load_image(_local_path(value, "'path'"))
+        if key == "base64":
+            return load_image(_base64_bytes(value))
+        if not isinstance(value, str):
+            raise ValueError(f"'url' must be a string, got {type(value).__name__}")
+        if value.startswith("file://"):
+            return load_image(_local_path(value, "'url'"))
+        if value.startswith("data:"):
+            return load_image(_base64_bytes(value))
+        if value.startswith(("http://", "https://")):
+            import httpx  # transformers' own HTTP client
+
+            try:
+                response = httpx.get(value, follow_redirects=True)
+                response.raise_for_status()
+            except httpx.HTTPError as err:
+                raise ValueError(f"cannot fetch {value}: {err}") from None
+            return load_image(response.content)
+        raise ValueError(f"'url' must start with file://, http://, https:// or data:, got {value[:60]!r}")
+    except InvalidSample as err:
+        raise ValueError(str(err)) from None
+
+
+def video_part_frames(part: dict, num_frames: int) -> list[Image.Image]:
+    """The frames of a typed `{"type": "video", ...}` part: a list of frames (each anything
+    `load_image_part`'s `image` takes), or a local video file (path or file:// URL) read with PyAV
+    and sampled as `convert_ucf101.py` samples clips (`phi3v.video.sample_frames`)."""
+    key, value = _one_source(part, VIDEO_SOURCE_KEYS)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("the video has no frames")
+        frames = []
+        for f, frame in enumerate(value):
+            try:
+                frames.append(load_image(_local_path(frame, "a frame") if isinstance(frame, str) else frame))
+            except InvalidSample as err:
+                raise ValueError(f"frame {f}: {err}") from None
+        return frames
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise ValueError("video URLs are not read; download the file and give its path")
+    from .video import InvalidVideo, sample_frames  # PyAV is needed only for video files
+
+    path = _local_path(value, f"'{key}'")
+    try:
+        return sample_frames(path, num_frames)
+    except InvalidVideo as err:
+        raise ValueError(f"video {path}: {err}") from None
+
+
+def video_part_length(part: dict, num_frames: int) -> int:
+    """How many images a video part becomes, without decoding anything."""
+    _, value = _one_source(part, VIDEO_SOURCE_KEYS)
+    return len(value) if isinstance(value, (list, tuple)) else num_frames
 
 
 @functools.lru_cache(maxsize=4)
@@ -356,28 +481,49 @@ class Phi3VProcessor(ProcessorMixin):
         max_length: int | None = None,
         return_tensors: str | None = "pt",
         num_crops: int | None = None,
+        padding_side: str | None = None,
+        pad_to_multiple_of: int | None = None,
+        add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
         **kwargs,
     ) -> BatchFeature:
+        """`add_special_tokens=False` leaves out the `<s>` that starts the text (for text that continues a
+        sequence); the `<s>` after each image block is part of the official format and stays.
+        `return_offsets_mapping=True` adds `offset_mapping`: each token's (start, end) characters in its
+        prompt, (0, 0) for image tokens, `<s>` and padding (transformers' assistant masks read it)."""
         if text is None:
             raise ValueError("Phi3VProcessor needs `text` (a prompt, or a list of prompts).")
+        # Sent by ProcessorMixin.apply_chat_template with return_assistant_tokens_mask: offset_mapping
+        # is already in the coordinates of the text before the image tags are expanded.
+        kwargs.pop("return_text_replacement_offsets", None)
         batched = not isinstance(text, str)
         prompts = list(text) if batched else [text]
         per_prompt_images = self._images_per_prompt(prompts, images, batched)
 
-        sequences, all_images = [], []
+        sequences, offsets, all_images = [], [], []
         for row, (prompt, prompt_images) in enumerate(zip(prompts, per_prompt_images)):
-            ids = self._prompt_ids(prompt, prompt_images, num_crops, row if batched else None)
+            ids, spans = self._prompt_ids(
+                prompt, prompt_images, num_crops, row if batched else None, add_special_tokens, return_offsets_mapping
+            )
             if max_length is not None and truncation and len(ids) > max_length:
                 if any(i < 0 for i in ids[max_length:]) or prompt_images:
                     raise ValueError(
                         f"prompt{f' {row}' if batched else ''} has {len(ids)} tokens, more than max_length="
                         f"{max_length}, and holds images: image tokens are never truncated; drop or shorten the sample."
                     )
-                ids = ids[:max_length]
+                ids, spans = ids[:max_length], spans[:max_length]
             sequences.append(ids)
+            offsets.append(spans)
             all_images.extend(prompt_images)
 
-        data = self._pad(sequences, padding, max_length)
+        data = self._pad(sequences, padding, max_length, padding_side, pad_to_multiple_of)
+        if return_offsets_mapping:
+            left = (padding_side or self.tokenizer.padding_side) == "left"
+            width = len(data["input_ids"][0])
+            data["offset_mapping"] = [
+                [(0, 0)] * (width - len(spans)) + spans if left else spans + [(0, 0)] * (width - len(spans))
+                for spans in offsets
+            ]
         if all_images:
             image_inputs = self.image_processor(all_images, num_crops=num_crops)
             data["pixel_values"] = image_inputs["pixel_values"]
@@ -390,6 +536,113 @@ class Phi3VProcessor(ProcessorMixin):
             raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt' or None")
         return BatchFeature(data=data)
 
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        tokenize: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        processor_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """transformers' `ProcessorMixin.apply_chat_template`, with transformers 5's typed content.
+
+        Message content is a string (the official form, `<|image_N|>` tags written by hand, the images
+        in `processor_kwargs={"images": [...]}`) or a list of typed parts: `{"type": "text", "text"}`,
+        `{"type": "image", "image"|"path"|"url"|"base64"}` and `{"type": "video", "video"|"path"|"url"}`
+        (a list of frames, or a video file cut into `processor_kwargs["num_frames"]` frames, default 8,
+        as `convert_ucf101.py` cuts clips). Each image, and each frame, becomes `<|image_N|>` and one
+        newline where it stands, numbered across the conversation; then the official string template
+        renders it, and with `tokenize=True` the processor tokenizes it with the images: the same
+        input_ids, attention_mask, pixel_values and image_sizes as writing the tags by hand.
+        A list of conversations gives a batch. Bad input raises ValueError naming the message and part.
+
+        `return_assistant_tokens_mask=True` needs a template with `{% generation %}` markers: pass
+        `chat_template=ASSISTANT_MASK_CHAT_TEMPLATE` (renders the official text) or set it on the processor.
+        """
+        conversations, is_batched = self._normalize_conversations(conversation)
+        processor_kwargs = dict(processor_kwargs or {})
+        num_frames = int(processor_kwargs.pop("num_frames", DEFAULT_VIDEO_FRAMES))
+        # The official template writes no <s>, so the processor adds it (as for the prompts written by
+        # hand); ProcessorMixin turns it off itself when a rendered prompt starts with <s>. TRL asks for
+        # add_special_tokens=False against a doubled <s>, which would drop the only one here.
+        processor_kwargs.pop("add_special_tokens", None)
+        if kwargs.get("return_tensors", "auto") == "auto":
+            # Lists, as the tokenizer's apply_chat_template gives them (TRL reads token ids one by one);
+            # return_tensors="pt" gives tensors, pixel_values are always one.
+            processor_kwargs.setdefault("return_tensors", None)
+
+        rendered, batch_images = [], []
+        for c, messages in enumerate(conversations):
+            where = f"conversation {c}, " if is_batched else ""
+            messages, images = self._tagged_messages(messages, where, tokenize, num_frames)
+            rendered.append(messages)
+            batch_images.append(images)
+        if any(batch_images):
+            if processor_kwargs.get("images") is not None:
+                raise ValueError("images are given both as typed content parts and in processor_kwargs['images']")
+            if tokenize:
+                processor_kwargs["images"] = batch_images if is_batched else batch_images[0]
+        if return_assistant_tokens_mask and not GENERATION_MARKER.search(self._resolve_chat_template(chat_template)):
+            raise ValueError(
+                "return_assistant_tokens_mask=True needs a chat template with {% generation %} markers around the "
+                "assistant turns, and Phi-3.5-vision's has none: pass "
+                "chat_template=phi3v.processing_phi3_v.ASSISTANT_MASK_CHAT_TEMPLATE (it renders the same text) or "
+                "set processor.chat_template to it"
+            )
+        return super().apply_chat_template(
+            rendered if is_batched else rendered[0],
+            chat_template=chat_template,
+            tokenize=tokenize,
+            return_assistant_tokens_mask=return_assistant_tokens_mask,
+            processor_kwargs=processor_kwargs,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _tagged_messages(messages: list[dict], where: str, load: bool, num_frames: int) -> tuple[list[dict], list]:
+        """Messages with string content (typed parts joined, `<|image_N|>\\n` for each image or frame)
+        and the conversation's images in order (opened only when `load`)."""
+        out, images, hand_tagged = [], [], False
+        for m, message in enumerate(messages):
+            content = message.get("content")
+            if not isinstance(content, (list, tuple)):
+                hand_tagged = hand_tagged or (isinstance(content, str) and bool(IMAGE_TAG.search(content)))
+                out.append(message)
+                continue
+            text = []
+            for j, part in enumerate(content):
+                at = f"{where}message {m} ({message.get('role')}), part {j}"
+                kind = part.get("type") if isinstance(part, dict) else None
+                try:
+                    if kind == "text":
+                        if not isinstance(part.get("text"), str):
+                            raise ValueError("a text part needs a string 'text'")
+                        if IMAGE_TAG.search(part["text"]):
+                            raise ValueError(
+                                "the text holds an <|image_N|> tag: give each image as an image part "
+                                "(the tags are written and numbered for you), or write the whole content as a string"
+                            )
+                        text.append(part["text"])
+                        continue
+                    if kind == "image":
+                        new = [load_image_part(part) if load else None]
+                    elif kind == "video":
+                        new = video_part_frames(part, num_frames) if load else [None] * video_part_length(part, num_frames)
+                    else:
+                        raise ValueError(f"unknown part {part!r:.80}: the types are 'text', 'image' and 'video'")
+                except ValueError as err:
+                    raise ValueError(f"{at}: {err}") from None
+                text += [f"<|image_{len(images) + k + 1}|>\n" for k in range(len(new))]
+                images += new
+            out.append({**message, "content": "".join(text)})
+        if hand_tagged and images:
+            raise ValueError(
+                f"{where}the conversation has <|image_N|> tags written in string content and typed image parts: "
+                "use one or the other (the typed parts are numbered from <|image_1|>)"
+            )
+        return out, images
+
     @staticmethod
     def _images_per_prompt(prompts, images, batched):
         if images is None:
@@ -398,6 +651,8 @@ class Phi3VProcessor(ProcessorMixin):
             images = [images]
         images = list(images)
         if not batched:
+            if len(images) == 1 and isinstance(images[0], (list, tuple)):
+                return [list(images[0])]  # one prompt's list, nested as ProcessorMixin.apply_chat_template passes it
             return [images]
         if all(isinstance(x, (list, tuple)) or x is None for x in images):
             if len(images) != len(prompts):
@@ -413,30 +668,50 @@ class Phi3VProcessor(ProcessorMixin):
             raise ValueError(f"the prompts have {start} distinct image tags but {len(images)} images were given")
         return out
 
-    def _prompt_ids(self, prompt: str, images: list, num_crops: int | None, row: int | None) -> list[int]:
+    def _prompt_ids(
+        self,
+        prompt: str,
+        images: list,
+        num_crops: int | None,
+        row: int | None,
+        add_special_tokens: bool = True,
+        with_offsets: bool = False,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of one prompt and, `with_offsets`, each token's character span in it."""
         where = f"prompt {row}" if row is not None else "prompt"
         tags = [int(t) for t in IMAGE_TAG.findall(prompt)]
-        if not tags:
-            if images:
-                raise ValueError(f"{where} has {len(images)} images but no <|image_k|> tag")
-            return self.tokenizer(prompt).input_ids
-        distinct = sorted(set(tags))
-        if distinct != list(range(1, len(distinct) + 1)):
-            raise ValueError(f"{where}: image tags must be numbered 1..n without gaps, got {tags}")
-        if len(tags) != len(distinct):
-            raise ValueError(f"{where}: each image tag may appear once, got {tags}")
-        if len(distinct) != len(images):
-            raise ValueError(f"{where} has {len(distinct)} image tags but {len(images)} images")
+        if tags:
+            distinct = sorted(set(tags))
+            if distinct != list(range(1, len(distinct) + 1)):
+                raise ValueError(f"{where}: image tags must be numbered 1..n without gaps, got {tags}")
+            if len(tags) != len(distinct):
+                raise ValueError(f"{where}: each image tag may appear once, got {tags}")
+            if len(distinct) != len(images):
+                raise ValueError(f"{where} has {len(distinct)} image tags but {len(images)} images")
+        elif images:
+            raise ValueError(f"{where} has {len(images)} images but no <|image_k|> tag")
         crops = num_crops or self.image_processor.num_crops
         counts = [self.image_processor.num_image_tokens(im.width, im.height, crops) for im in images]
-        chunks = [self.tokenizer(chunk).input_ids for chunk in IMAGE_TAG.split(prompt)[::2]]
-        ids = list(chunks[0])
-        for tag, chunk in zip(tags, chunks[1:]):
-            ids += [-tag] * counts[tag - 1]
-            ids += chunk  # every chunk keeps its own <s>, as in the official processor
-        return ids
+        ids, offsets = [], []
+        start = 0
+        matches = [*IMAGE_TAG.finditer(prompt), None]
+        for k, match in enumerate(matches):
+            chunk = prompt[start : match.start() if match else len(prompt)]
+            # Every chunk keeps its own <s>, as in the official processor.
+            encoded = self.tokenizer(
+                chunk, add_special_tokens=add_special_tokens or k > 0, return_offsets_mapping=with_offsets
+            )
+            ids += encoded.input_ids
+            if with_offsets:
+                offsets += [(a + start, b + start) if b > a else (0, 0) for a, b in encoded.offset_mapping]
+            if match:
+                count = counts[int(match.group(1)) - 1]
+                ids += [-int(match.group(1))] * count
+                offsets += [(0, 0)] * count if with_offsets else []
+                start = match.end()
+        return ids, offsets
 
-    def _pad(self, sequences: list[list[int]], padding, max_length) -> dict:
+    def _pad(self, sequences: list[list[int]], padding, max_length, padding_side=None, pad_to_multiple_of=None) -> dict:
         if padding is True or padding == "longest":
             target = max(len(s) for s in sequences)
         elif padding == "max_length":
@@ -449,8 +724,13 @@ class Phi3VProcessor(ProcessorMixin):
             target = len(sequences[0])
         else:
             raise ValueError(f"unknown padding={padding!r}")
+        if pad_to_multiple_of and padding not in (False, None, "do_not_pad"):
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.tokenizer.pad_token_id
-        left = self.tokenizer.padding_side == "left"
+        padding_side = padding_side or self.tokenizer.padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        left = padding_side == "left"
         input_ids, attention_mask = [], []
         for seq in sequences:
             fill = target - len(seq)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import convert_ucf101
+from phi3v.video import frame_indices
 
 WIDTH, HEIGHT = 64, 48
 CLASSES = ["Archery", "BabyCrawling"]
@@ -104,9 +105,9 @@ def check_output(out_dir: Path, extra_files=()) -> None:
 
 def test_frame_indices():
     for total, expected in EXPECTED_INDICES.items():
-        assert convert_ucf101.frame_indices(total, 8) == expected
-    assert convert_ucf101.frame_indices(300, 8) == [0, 37, 75, 112, 150, 187, 225, 262]
-    assert convert_ucf101.frame_indices(10, 4) == [0, 2, 5, 7]
+        assert frame_indices(total, 8) == expected
+    assert frame_indices(300, 8) == [0, 37, 75, 112, 150, 187, 225, 262]
+    assert frame_indices(10, 4) == [0, 2, 5, 7]
 
 
 def test_convert_folder(video_root, tmp_path, run_script):

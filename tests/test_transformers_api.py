@@ -146,8 +146,6 @@ def test_pipeline_answers_several_images_in_one_prompt(image_pipeline, model, pr
     assert out[0]["generated_token_ids"].tolist() == expected[0].tolist()
 
 
-@pytest.mark.skipif("apply_chat_template" not in vars(phi3v.Phi3VProcessor),
-                    reason="needs Phi3VProcessor.apply_chat_template with typed messages (branch chat)")
 def test_pipeline_answers_typed_chat_messages_as_generate_does(image_pipeline, model, processor, tmp_path):
     image, second = picture(400, 300, 2), picture(200, 500, 3)
     second.save(tmp_path / "second.png")  # lossless: the same pixels

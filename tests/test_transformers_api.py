@@ -252,6 +252,19 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model, two_images):
     assert top_1.tolist() == expected.tolist() * 2
 
 
+def test_num_return_sequences_on_a_batch_with_one_and_two_images(model, processor):
+    processor.tokenizer.padding_side = "left"
+    try:
+        batch = processor(text=[PROMPT, TWO_IMAGES], images=[[picture(400, 300, 1)], [picture(400, 300, 2),
+                          picture(200, 500, 3)]], padding=True, num_crops=2)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    expected = greedy(model, batch)
+    with torch.no_grad():
+        top_1 = model.generate(**batch, do_sample=True, top_k=1, num_return_sequences=2, **FIXED_LENGTH)
+    assert top_1.tolist() == [expected[0].tolist()] * 2 + [expected[1].tolist()] * 2
+
+
 def test_beam_search_returns_the_best_beams_with_their_scores(model, two_images):
     with torch.no_grad():
         beams = model.generate(**two_images, do_sample=False, num_beams=4, num_return_sequences=2, output_scores=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoProcessor, PreTrainedModel
 import finetune_hf_trainer_ucf101 as recipe
 import phi3v
 from own_data import OWN_FILES, photo, photo_set, write_jsonl
-from phi3v import merge, predict
+from phi3v import merge, predict, saving
 from phi3v.conversation import generation_batch
-from phi3v.saving import save_drop_in
+from phi3v.saving import adapter_base, load_with_adapter, run_processor, save_drop_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
@@ -147,6 +148,145 @@ def test_merge_cli_errors(tmp_path, capsys):
         merge.main(["--adapter", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="is not a folder"):
         merge.main(["--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean merge (one weight at a time) writes the bytes of the whole-model merge it replaced
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qlora_run(drop_in_base, photos, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("qlora") / "out"
+    recipe.main([str(a) for a in [
+        "--model_name_or_path", drop_in_base, "--data_dir", photos, *OWN_FILES, "--output_dir", output_dir,
+        "--num_crops", 1, "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 2, "--learning_rate", 1e-2,
+        "--use_qlora", "--lora_rank", 4, "--max_eval_samples", 0, "--logging_steps", 1,
+        "--dataloader_num_workers", 0, "--deepspeed", "none", "--no-tqdm",
+    ]])  # fmt: skip
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def rich_adapter(drop_in_base, tmp_path_factory) -> Path:
+    """A LoRA adapter with every setting the lean merge reads: rslora, rank and alpha patterns, random B
+    everywhere (CLIP and projector too), and a saved lm_head that differs from the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(drop_in_base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=7, use_rslora=True, rank_pattern={"qkv_proj": 2}, alpha_pattern={"o_proj": 3},
+                        target_modules=phi3v.lora_target_modules(model), init_lora_weights="gaussian")
+    model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+        model.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    folder = tmp_path_factory.mktemp("rich") / "adapter"
+    model.save_pretrained(folder, save_embedding_layers=True)
+    return folder
+
+
+def whole_model_merge(adapter: Path, output_dir: Path, dtype=None) -> Path:
+    """The merge as it was before it went weight by weight: the base in fp32 with peft's merge_and_unload,
+    save_pretrained, then the weights cast to the output dtype."""
+    base = adapter_base(adapter)
+    model = load_with_adapter(adapter, base, merge=True)
+    return save_drop_in(model, output_dir, base, run_processor(adapter, base).image_processor, dtype)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("model*.safetensors"))
+    assert files
+    out = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_folder(folder: Path, expected: Path):
+    """The same files; json equal, other files byte for byte; every tensor equal, in the same dtype."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in expected.iterdir():
+        if path.suffix == ".json":
+            assert json.loads((folder / path.name).read_text()) == json.loads(path.read_text()), path.name
+        elif path.suffix != ".safetensors":
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    got, want = weights(folder), weights(expected)
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("run, dtype", [("lora_run", None), ("qlora_run", None), ("qlora_run", "float16"),
+                                        ("rich_adapter", None), ("rich_adapter", "float32")])
+def test_lean_merge_is_bit_identical_to_the_whole_model_merge(run, dtype, request, drop_in_base, tmp_path):
+    """`python -m phi3v.merge` (weight by weight) writes what the whole-model merge in fp32 wrote: the
+    recipe's LoRA and QLoRA adapters (the UCF101 recipe saves lm_head, a LoRA target, with the adapter),
+    and an adapter with rslora, rank/alpha patterns and a changed saved lm_head; bf16 (the base's), fp16, fp32."""
+    adapter = request.getfixturevalue(run)
+    expected = whole_model_merge(adapter, tmp_path / "whole", {None: None, "float16": torch.float16,
+                                                                "float32": torch.float32}[dtype])
+    merge.main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "lean"), *(["--dtype", dtype] if dtype else [])])
+    assert_same_folder(tmp_path / "lean", expected)
+    merged, base = weights(tmp_path / "lean"), weights(drop_in_base)
+    assert not torch.equal(merged["model.layers.0.self_attn.qkv_proj.weight"].float(),
+                           base["model.layers.0.self_attn.qkv_proj.weight"].float())  # the adapter is in
+
+
+def test_lean_merge_shards_and_streams(rich_adapter, drop_in_base, tmp_path, monkeypatch, capsys):
+    """Shards of bounded size with the official index, loadable and equal to the one-file output; one weight in
+    memory at a time: when a weight is merged, every weight merged before it is gone."""
+    merge.main(["--adapter", str(rich_adapter), "--output_dir", str(tmp_path / "one")])
+    assert "GiB max RSS)" in capsys.readouterr().out
+    one = weights(tmp_path / "one")
+
+    merged_so_far = []
+    lean_merged = saving.LoraMerge.merged
+
+    def spy(self, key, weight):
+        assert all(ref() is None for ref in merged_so_far), "an earlier weight is still in memory"
+        out = lean_merged(self, key, weight)
+        merged_so_far.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(saving.LoraMerge, "merged", spy)
+    shard_bytes = sum(t.numel() * 4 for t in one.values()) // 5  # fp32; the two 32064-row embeddings fill most
+    monkeypatch.setattr(saving, "MAX_SHARD_BYTES", shard_bytes)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"stale")  # an earlier save's weights do not stay
+    merge.main(["--adapter", str(rich_adapter), "--output_dir", str(out), "--dtype", "float32"])
+    assert len(merged_so_far) == len(one)
+    files = sorted(p.name for p in out.glob("model*.safetensors"))
+    assert len(files) >= 3 and files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index) == {"metadata", "weight_map"} and set(index["metadata"]) == {"total_size"}
+    sharded = weights(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sharded.values())
+    for name in files:
+        with safe_open(out / name, "pt") as f:
+            assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+            size = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())
+            assert size <= shard_bytes or len(list(f.keys())) == 1
+    assert set(sharded) == set(one) and all(torch.equal(sharded[k].to(v.dtype), v) for k, v in one.items())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(v, sharded[k]) for k, v in model.state_dict().items())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_lean_merge_refuses_what_it_does_not_merge(rich_adapter, tmp_path):
+    """A DoRA adapter (its merge is not W + BA): a clear refusal, no folder written."""
+    dora = tmp_path / "dora"
+    shutil.copytree(rich_adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(SystemExit, match="merging an adapter with use_dora is not supported here"):
+        merge.main(["--adapter", str(dora), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_reproduces_eval_after(lora_run, photos, tmp_path, capsys):

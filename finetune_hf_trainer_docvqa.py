@@ -66,8 +66,9 @@ Data without the hub
     and `test` splits, or a folder of parquet files named per split (`train-*.parquet`,
     `test-*.parquet`, or `train/` and `test/` sub-folders), in the hub schema: `image`, `query`
     (a struct with an `en` key), `answers` (list of str). `--full_train_dataset_path` takes the
-    cauldron DocVQA copy (`save_to_disk` folder or parquet files): `images` (list of images),
-    `texts` (list of {user, assistant, source}).
+    cauldron DocVQA copy (`save_to_disk` folder or parquet files, or the root of a the_cauldron
+    snapshot, whose `docvqa/` folder is then read): `images` (list of images), `texts` (list of
+    {user, assistant, source}).
 """
 
 from __future__ import annotations

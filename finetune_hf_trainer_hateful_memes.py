@@ -123,8 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", default=None,
-                      help=f"local copy of {HUB_DATASET}/{HUB_CONFIG} (save_to_disk folder or parquet file/folder); "
-                           "default: download from the hub")
+                      help=f"local copy of {HUB_DATASET}/{HUB_CONFIG} (save_to_disk folder or parquet file/folder, "
+                           f"or a the_cauldron snapshot's root: its {HUB_CONFIG}/ is read); default: the hub")
     data.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N held-out rows")

@@ -138,7 +138,8 @@ def parse_args(argv=None):
                              "one cut off by a kill during its save is skipped with a warning)")
     # Data
     parser.add_argument("--dataset_path", default=None,
-                        help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet)")
+                        help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet, or a "
+                             f"the_cauldron snapshot's root: its {DATASET_CONFIG}/ is read)")
     parser.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N held-out rows")

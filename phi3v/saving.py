@@ -359,13 +359,16 @@ class LoraMerge:
         """`weight` (read from `source(key)`) as the merged model has it, in fp32 (non-floating ones unchanged)."""
         if not weight.is_floating_point():
             return weight
-        weight = weight.to(torch.float32)
+        weight = weight.to(torch.float32)  # the caller's own tensor (safe_open copies): changed in place below
         if key in self.lora:
             with safe_open(self.path, "pt") as f:
                 a_key, b_key = self.lora[key]
                 lora_a, lora_b = (f.get_tensor(k).to(torch.float32) for k in (a_key, b_key))
-            # peft: base_layer.weight.data += get_delta_weight(), the delta being (B @ A) * scaling in fp32
-            weight = weight + (lora_b @ lora_a) * self.scaling[key]
+            # peft: base_layer.weight.data += get_delta_weight(), the delta being (B @ A) * scaling in fp32.
+            # In place, the same operations: two fp32 copies of the weight at most, not four.
+            delta = lora_b @ lora_a
+            delta *= self.scaling[key]
+            weight += delta
         return weight
 
 
@@ -423,6 +426,40 @@ def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, list[in
     _write_atomically(path, write)
 
 
+def write_sharded(folder, entries: list[tuple[str, torch.dtype, list[int], int]], make, max_shard_bytes=None):
+    """Write `entries` (key, dtype, shape, bytes) as `folder`'s model*.safetensors, `make(key, dtype)` giving
+    each tensor when its turn comes: at most one in memory at a time.
+
+    Shards of at most `max_shard_bytes` (default MAX_SHARD_BYTES) in the entries' order, named and indexed
+    as transformers' save_pretrained and the hub do (one shard: model.safetensors, no index).
+    """
+    folder = Path(folder)
+    shards, max_shard_bytes = [[]], max_shard_bytes or MAX_SHARD_BYTES
+    for entry in entries:
+        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(entry)
+    names = _shard_names(len(shards))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*_weight_files(folder), folder / "model.safetensors.index.json"]:
+        if stale.name not in names and stale.exists():
+            stale.unlink()  # a previous save's shards would mix with these
+
+    def made(shard):
+        for key, dtype, _, _ in shard:
+            tensor = make(key, dtype)
+            yield key, tensor
+            del tensor  # before the next one is made
+
+    for name, shard in zip(names, shards):
+        _write_safetensors(folder / name, shard, made(shard))
+    if len(names) > 1:
+        _write_json(folder / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(e[3] for e in entries)},
+            "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard},
+        })  # fmt: skip
+
+
 def merge_into_shards(adapter_dir, base, output_dir, dtype: torch.dtype, max_shard_bytes: int | None = None):
     """Write base + adapter, merged, as `output_dir`'s model*.safetensors in `dtype` (+ config.json).
 
@@ -446,44 +483,24 @@ def merge_into_shards(adapter_dir, base, output_dir, dtype: torch.dtype, max_sha
         raise ValueError(f"the base model {base} lacks {len(missing)} weight(s) of {type(model).__name__}: "
                          f"{', '.join(missing[:3])}")
     entries, shapes = [], {}
-    for key, meta in expected.items():
+    for key, meta in expected.items():  # the safetensors headers only: no weight is read yet
         source, name = lora.source(key, where)
         with safe_open(source, "pt") as f:
             shape = f.get_slice(name).get_shape()
-        if list(shape) != list(meta.shape):
+        if list(shape) != list(meta.shape):  # what from_pretrained would refuse
             raise ValueError(f"{source}: {name} has shape {list(shape)}, {type(model).__name__} {list(meta.shape)}")
         out_dtype = dtype if meta.is_floating_point() else meta.dtype
         entries.append((key, out_dtype, list(shape), math.prod(shape) * out_dtype.itemsize))
         shapes[key] = meta.shape
     lora.check(shapes)
 
-    shards, max_shard_bytes = [[]], max_shard_bytes or MAX_SHARD_BYTES
-    for entry in entries:
-        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_bytes:
-            shards.append([])
-        shards[-1].append(entry)
-    names = _shard_names(len(shards))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*_weight_files(output_dir), output_dir / "model.safetensors.index.json"]:
-        if stale.name not in names and stale.exists():
-            stale.unlink()  # a previous save's shards would mix with these
+    def merged(key, out_dtype):
+        source, name = lora.source(key, where)
+        with safe_open(source, "pt") as f:  # opened per weight: no file stays mapped
+            weight = f.get_tensor(name)
+        return lora.merged(key, weight).to(out_dtype)
 
-    def merged(shard):
-        for key, out_dtype, _, _ in shard:
-            source, name = lora.source(key, where)
-            with safe_open(source, "pt") as f:  # opened per weight: no file stays mapped
-                weight = f.get_tensor(name)
-            weight = lora.merged(key, weight).to(out_dtype)
-            yield key, weight
-            del weight  # before the next one is read
-
-    for name, shard in zip(names, shards):
-        _write_safetensors(output_dir / name, shard, merged(shard))
-    if len(names) > 1:
-        _write_json(output_dir / "model.safetensors.index.json", {
-            "metadata": {"total_size": sum(e[3] for e in entries)},
-            "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard},
-        })  # fmt: skip
+    write_sharded(output_dir, entries, merged, max_shard_bytes)
     # config.json and generation_config.json as the model's save_pretrained writes them (finish_drop_in
     # then gives config.json the official form and copies the base's generation_config.json over).
     model.config.architectures = [type(model).__name__]

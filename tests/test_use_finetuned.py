@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoProcessor, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PreTrainedModel
 
 import finetune_hf_trainer_ucf101 as recipe
 import phi3v
@@ -278,6 +278,23 @@ def test_lean_merge_shards_and_streams(rich_adapter, drop_in_base, tmp_path, mon
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
+def test_merge_memory_bench_at_tiny_size(tmp_path, capsys):
+    """`python -m bench.merge_memory --tiny`: the README's real-size measurement on the tiny model. Its random
+    base and UCF101-style adapter (random B, lm_head saved along) merge as peft merges them."""
+    from bench import merge_memory
+
+    line = merge_memory.main(["--workdir", str(tmp_path), "--tiny", "--keep"])
+    assert line.startswith(f"merged {tmp_path / 'adapter'} into its base") and "GiB max RSS)" in line
+    assert "base 0.0" in capsys.readouterr().out
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (64, 128, str(tmp_path / "base"))
+    assert "lm_head" in config["target_modules"]
+    expected = whole_model_merge(tmp_path / "adapter", tmp_path / "whole")
+    assert_same_folder(tmp_path / "merged", expected)
+    merge_memory.main(["--workdir", str(tmp_path / "gone"), "--tiny"])
+    assert not list((tmp_path / "gone").iterdir())  # without --keep nothing stays
+
+
 def test_lean_merge_refuses_what_it_does_not_merge(rich_adapter, tmp_path):
     """A DoRA adapter (its merge is not W + BA): a clear refusal, no folder written."""
     dora = tmp_path / "dora"
@@ -453,3 +470,28 @@ def test_predict_torchrun_keeps_input_order(tiny_model_dir, tmp_path, run_script
     two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert [r["id"] for r in two] == [f"q{i}" for i in range(5)]
     assert two == one
+
+
+# ---------------------------------------------------------------------------------------------
+# A test model for vLLM: the real CLIP ViT-L/14-336 tower (vLLM hard-codes it), a tiny decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_vision_intermediate_size(tmp_path):
+    """`python -m phi3v.tiny --vision_intermediate_size N` sets the CLIP MLP width (default still twice the
+    width); with the README's vLLM sizes the vision config is the real model's, key for key."""
+    from phi3v import tiny
+
+    tiny.main(["--output_dir", str(tmp_path / "m"), "--vision_hidden_size", "32", "--vision_intermediate_size", "48"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vision_config"]["intermediate_size"] == 48
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    fc1 = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].mlp.fc1
+    assert tuple(fc1.weight.shape) == (48, 32)
+    assert tiny.tiny_config().vision_config.intermediate_size == 64
+
+    real = AutoConfig.from_pretrained(tiny.ASSETS)
+    vllm_sizes = tiny.tiny_config(vision_hidden_size=1024, vision_layers=24, vision_heads=16,
+                                  vision_intermediate_size=4096)  # the README's command
+    assert vllm_sizes.vision_config.to_dict() == real.vision_config.to_dict()
+    assert vllm_sizes.img_processor == real.img_processor and vllm_sizes.hidden_size == 64

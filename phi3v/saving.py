@@ -23,8 +23,10 @@ remote-code `.py` files that `config.json`'s `auto_map` names. A drop-in folder 
     from phi3v.saving import save_drop_in
     save_drop_in(model, "out", base="microsoft/Phi-3.5-vision-instruct", image_processor=processor.image_processor)
 
-`python -m phi3v.merge` merges a LoRA/QLoRA adapter into its base and writes such a folder; the
-recipes' `--merge_lora` calls the same `save_merged`, and their full fine-tuning saves (the final one
+`python -m phi3v.merge` merges a LoRA/QLoRA adapter into its base and writes such a folder, one weight
+at a time from the base's safetensors shards (`LoraMerge`, `merge_into_shards`: the bytes of peft's
+`merge_and_unload` in fp32, in far less memory than the model); the recipes' `--merge_lora` calls the
+same `save_merged`, and their full fine-tuning saves (the final one
 and every checkpoint-N, through `DropInCheckpoints`) go through `finish_drop_in`.
 """
 
@@ -242,11 +244,8 @@ def adapter_base(adapter_dir) -> str:
     return base
 
 
-def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32, merge: bool = False):
-    """The base in full precision (also for a QLoRA adapter: never 4-bit) with the adapter on top.
-
-    `merge`: folded into the weights (`merge_and_unload`, a plain Phi3VForCausalLM); otherwise a peft model.
-    """
+def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32):
+    """The base in full precision (also for a QLoRA adapter: never 4-bit) with the adapter on top (a peft model)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -255,8 +254,7 @@ def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except OSError as err:
         raise ValueError(f"cannot load the base model {base!r} ({err}); pass it with --base/--model") from None
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.merge_and_unload() if merge else model
+    return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def run_processor(folder, base, num_crops: int | None = None):
@@ -311,7 +309,7 @@ class LoraMerge:
                              "(plain LoRA/QLoRA adapters only, as the recipes train them); merge it with peft's "
                              "merge_and_unload")
         self.path, self.config = weights, config
-        self.lora = {}  # module name -> (lora_A key, lora_B key)
+        pairs = {}  # module name -> {"lora_A": key, "lora_B": key}
         self.replaced = {}  # base weight key -> adapter key of the full weight that replaces it
         with safe_open(weights, "pt") as f:
             keys = list(f.keys())
@@ -321,20 +319,21 @@ class LoraMerge:
             name = key.removeprefix(ADAPTER_PREFIX)
             if name.endswith((".lora_A.weight", ".lora_B.weight")):
                 module = name.rsplit(".", 2)[0]
-                self.lora.setdefault(module, {})[name.rsplit(".", 2)[1]] = key
+                pairs.setdefault(module, {})[name.rsplit(".", 2)[1]] = key
             elif ".lora_" in name:
                 raise ValueError(f"{weights}: {key} is not a LoRA weight of a Linear layer: not supported here")
             else:
                 self.replaced[name.replace(".base_layer.", ".")] = key
-        for module, pair in self.lora.items():
+        for module, pair in pairs.items():
             if set(pair) != {"lora_A", "lora_B"}:
                 raise ValueError(f"{weights}: {module} has {', '.join(pair)} only")
-        self.scaling = {}
-        for module in self.lora:
+        self.scaling = {}  # base weight key -> scaling
+        for module in pairs:
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
             alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
             self.scaling[f"{module}.weight"] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        self.lora = {f"{module}.weight": (pair["lora_A"], pair["lora_B"]) for module, pair in self.lora.items()}
+        # base weight key -> (lora_A key, lora_B key)
+        self.lora = {f"{module}.weight": (pair["lora_A"], pair["lora_B"]) for module, pair in pairs.items()}
 
     def check(self, shapes: dict[str, torch.Size]):
         """Raise if the adapter does not fit a base whose weights have these shapes."""

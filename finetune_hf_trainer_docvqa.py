@@ -66,8 +66,9 @@ Data without the hub
     and `test` splits, or a folder of parquet files named per split (`train-*.parquet`,
     `test-*.parquet`, or `train/` and `test/` sub-folders), in the hub schema: `image`, `query`
     (a struct with an `en` key), `answers` (list of str). `--full_train_dataset_path` takes the
-    cauldron DocVQA copy (`save_to_disk` folder or parquet files): `images` (list of images),
-    `texts` (list of {user, assistant, source}).
+    cauldron DocVQA copy (`save_to_disk` folder or parquet files, or the root of a the_cauldron
+    snapshot, whose `docvqa/` folder is then read): `images` (list of images), `texts` (list of
+    {user, assistant, source}).
 """
 
 from __future__ import annotations
@@ -231,7 +232,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if problem:
             parser.error(f"--dataset_path {args.dataset_path}: {problem}")
     if args.full_train_dataset_path is not None:
-        problem = dataset_path_problem(Path(args.full_train_dataset_path), [])
+        folder, problem = cauldron_config_folder(Path(args.full_train_dataset_path))
+        if problem:
+            parser.error(f"--full_train_dataset_path {args.full_train_dataset_path}: {problem}")
+        args.full_train_dataset_path = str(folder)
+        problem = dataset_path_problem(folder, [])
         if problem:
             parser.error(f"--full_train_dataset_path {args.full_train_dataset_path}: {problem}")
     finished = finished_run_files(Path(args.output_dir))
@@ -259,6 +264,33 @@ def finished_run_files(output_dir: Path) -> list[str]:
 
 def is_split_file(path: Path, split: str) -> bool:
     return path.stem == split or path.name.startswith(f"{split}-") or path.parent.name == split
+
+
+# A snapshot of the_cauldron holds each config in a folder named after it (ROOT/docvqa/train-*.parquet,
+# ROOT/hateful_memes/..., ROOT/nlvr2/..., ...). Given such a root, reading every parquet file under
+# it would mix the configs.
+NOT_CONFIG_FOLDERS = {"train", "test", "validation", "val", "valid", "dev", "data"}  # split-like names
+
+
+def cauldron_config_folder(path: Path) -> tuple[Path, str | None]:
+    """(the folder to read, None), or (path, why not) for a copy of the_cauldron that may hold other configs.
+
+    A folder holding a `docvqa/` folder: that folder. A folder holding two or more other folders of
+    parquet files (a snapshot without docvqa): refused. Anything else (the config's own folder, a
+    save_to_disk folder, parquet files): as it is.
+    """
+    if not path.is_dir() or any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        return path, None
+    if (path / CAULDRON_CONFIG).is_dir():
+        return path / CAULDRON_CONFIG, None
+    others = sorted(d.name for d in path.iterdir()
+                    if d.is_dir() and d.name not in NOT_CONFIG_FOLDERS and next(d.rglob("*.parquet"), None))
+    if len(others) > 1:
+        return path, (f"holds the folders {', '.join(name + '/' for name in others)} (a the_cauldron snapshot?) "
+                      f"and no {CAULDRON_CONFIG}/ folder; reading them all would mix them: give the {CAULDRON_CONFIG} "
+                      f"folder of the snapshot ({path / CAULDRON_CONFIG} once downloaded), or parquet files of "
+                      f"{CAULDRON_CONFIG} only")
+    return path, None
 
 
 def dataset_path_problem(path: Path, splits: list[str]) -> str | None:

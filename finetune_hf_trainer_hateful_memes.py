@@ -123,8 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", default=None,
-                      help=f"local copy of {HUB_DATASET}/{HUB_CONFIG} (save_to_disk folder or parquet file/folder); "
-                           "default: download from the hub")
+                      help=f"local copy of {HUB_DATASET}/{HUB_CONFIG} (save_to_disk folder or parquet file/folder, "
+                           f"or a the_cauldron snapshot's root: its {HUB_CONFIG}/ is read); default: the hub")
     data.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     data.add_argument("--max_eval_samples", type=int, default=None, help="evaluate on the first N held-out rows")
@@ -228,7 +228,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_size < 0:
         parser.error("--eval_size must be >= 0")
     if args.dataset_path is not None:
-        problem = dataset_path_problem(Path(args.dataset_path))
+        folder, problem = cauldron_config_folder(Path(args.dataset_path))
+        if problem:
+            parser.error(f"--dataset_path {args.dataset_path}: {problem}")
+        args.dataset_path = str(folder)
+        problem = dataset_path_problem(folder)
         if problem:
             parser.error(f"--dataset_path {args.dataset_path}: {problem}")
     if args.preflight_only:
@@ -248,6 +252,33 @@ FINISHED_RUN_FILES = ("eval_after.json", "log_history.json", "model.safetensors"
 
 def finished_run_files(output_dir: Path) -> list[str]:
     return [name for name in FINISHED_RUN_FILES if (output_dir / name).exists()]
+
+
+# A snapshot of the_cauldron holds each config in a folder named after it (ROOT/docvqa/train-*.parquet,
+# ROOT/hateful_memes/..., ROOT/nlvr2/..., ...). Given such a root, reading every parquet file under
+# it would mix the configs.
+NOT_CONFIG_FOLDERS = {"train", "test", "validation", "val", "valid", "dev", "data"}  # split-like names
+
+
+def cauldron_config_folder(path: Path) -> tuple[Path, str | None]:
+    """(the folder to read, None), or (path, why not) for a copy of the_cauldron that may hold other configs.
+
+    A folder holding a `hateful_memes/` folder: that folder. A folder holding two or more other folders of
+    parquet files (a snapshot without hateful_memes): refused. Anything else (the config's own folder, a
+    save_to_disk folder, parquet files): as it is.
+    """
+    if not path.is_dir() or any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        return path, None
+    if (path / HUB_CONFIG).is_dir():
+        return path / HUB_CONFIG, None
+    others = sorted(d.name for d in path.iterdir()
+                    if d.is_dir() and d.name not in NOT_CONFIG_FOLDERS and next(d.rglob("*.parquet"), None))
+    if len(others) > 1:
+        return path, (f"holds the folders {', '.join(name + '/' for name in others)} (a the_cauldron snapshot?) "
+                      f"and no {HUB_CONFIG}/ folder; reading them all would mix them: give the {HUB_CONFIG} "
+                      f"folder of the snapshot ({path / HUB_CONFIG} once downloaded), or parquet files of "
+                      f"{HUB_CONFIG} only")
+    return path, None
 
 
 def dataset_path_problem(path: Path) -> str | None:

@@ -138,7 +138,8 @@ def parse_args(argv=None):
                              "one cut off by a kill during its save is skipped with a warning)")
     # Data
     parser.add_argument("--dataset_path", default=None,
-                        help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet)")
+                        help=f"local copy of {DATASET_NAME}/{DATASET_CONFIG} (save_to_disk folder or parquet, or a "
+                             f"the_cauldron snapshot's root: its {DATASET_CONFIG}/ is read)")
     parser.add_argument("--eval_size", type=int, default=500, help="the first N rows are held out for evaluation")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training rows")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate only the first N held-out rows")
@@ -228,7 +229,11 @@ def validate_args(parser, args):
     if not args.use_lora and args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed config {args.deepspeed} not found")
     if args.dataset_path is not None:
-        problem = dataset_path_problem(Path(args.dataset_path))
+        folder, problem = cauldron_config_folder(Path(args.dataset_path))
+        if problem:
+            parser.error(f"--dataset_path {args.dataset_path}: {problem}")
+        args.dataset_path = str(folder)
+        problem = dataset_path_problem(folder)
         if problem:
             parser.error(f"--dataset_path {args.dataset_path}: {problem}")
     if args.resume_from_checkpoint == "latest":
@@ -272,6 +277,33 @@ def check_output_dir(parser, args):
     if checkpoints and not args.resume_from_checkpoint:
         parser.error(f"--output_dir {output_dir} holds checkpoints of an unfinished run ({', '.join(checkpoints)}); "
                      "pass --resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start over")
+
+
+# A snapshot of the_cauldron holds each config in a folder named after it (ROOT/docvqa/train-*.parquet,
+# ROOT/hateful_memes/..., ROOT/nlvr2/..., ...). Given such a root, reading every parquet file under
+# it would mix the configs.
+NOT_CONFIG_FOLDERS = {"train", "test", "validation", "val", "valid", "dev", "data"}  # split-like names
+
+
+def cauldron_config_folder(path: Path) -> tuple[Path, str | None]:
+    """(the folder to read, None), or (path, why not) for a copy of the_cauldron that may hold other configs.
+
+    A folder holding a `nlvr2/` folder: that folder. A folder holding two or more other folders of
+    parquet files (a snapshot without nlvr2): refused. Anything else (the config's own folder, a
+    save_to_disk folder, parquet files): as it is.
+    """
+    if not path.is_dir() or any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
+        return path, None
+    if (path / DATASET_CONFIG).is_dir():
+        return path / DATASET_CONFIG, None
+    others = sorted(d.name for d in path.iterdir()
+                    if d.is_dir() and d.name not in NOT_CONFIG_FOLDERS and next(d.rglob("*.parquet"), None))
+    if len(others) > 1:
+        return path, (f"holds the folders {', '.join(name + '/' for name in others)} (a the_cauldron snapshot?) "
+                      f"and no {DATASET_CONFIG}/ folder; reading them all would mix them: give the {DATASET_CONFIG} "
+                      f"folder of the snapshot ({path / DATASET_CONFIG} once downloaded), or parquet files of "
+                      f"{DATASET_CONFIG} only")
+    return path, None
 
 
 def dataset_path_problem(path):

@@ -4,11 +4,15 @@
     python -m phi3v.merge --adapter runs/lora/checkpoint-500 --output_dir merged-500 --dtype float16
 
 The adapter is a recipe's finished `--use_lora`/`--use_qlora` output folder or any of its checkpoint-N
-(any peft LoRA adapter of a Phi-3-vision model does). The base is the one the adapter's
-adapter_config.json names (`base_model_name_or_path`) unless `--base` is given; it is loaded in fp32,
-also for QLoRA (whose adapter trained against 4-bit weights: merging into them would round it away),
-and the merged weights are written in the base's dtype (its config.json's `torch_dtype`) unless
-`--dtype` is given. num_crops is the one saved with the adapter (else the base's).
+(a plain peft LoRA adapter of a Phi-3-vision model does; DoRA and other variants are refused). The base
+is the one the adapter's adapter_config.json names (`base_model_name_or_path`) unless `--base` is
+given. The merge is done in fp32, also for QLoRA (whose adapter trained against 4-bit weights: merging
+into them would round it away), and the merged weights are written in the base's dtype (its
+config.json's `torch_dtype`) unless `--dtype` is given: the bytes of peft's `merge_and_unload` on the
+base loaded in fp32, cast to that dtype. It goes one weight at a time, straight from the base's
+safetensors shards to the output's (5 GB at most each, with model.safetensors.index.json when there are
+several), so memory stays far below the model's size; it prints the time and the peak memory (max RSS).
+num_crops is the one saved with the adapter (else the base's).
 
 The output replaces the base model's folder as is (see `phi3v/saving.py`): official key names and
 config.json, the base's tokenizer, remote-code .py files and other files copied unchanged, and
@@ -20,7 +24,9 @@ the official remote code on transformers 4.4x (`trust_remote_code=True`), and in
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,11 +52,15 @@ def main(argv=None):
 
     if not Path(args.adapter).is_dir():
         sys.exit(f"error: --adapter {args.adapter} is not a folder")
+    start = time.perf_counter()
     try:
         out = save_merged(args.adapter, args.output_dir, base=args.base, dtype=DTYPES.get(args.dtype))
     except ValueError as err:
         sys.exit(f"error: {err}")
-    print(f"merged {args.adapter} into its base: {out}")
+    # ru_maxrss: the most resident memory this process ever held (KiB on Linux), imports included
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"merged {args.adapter} into its base: {out} ({time.perf_counter() - start:.0f} s, peak memory "
+          f"{peak:.2f} GiB max RSS)")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ remote-code `.py` files that `config.json`'s `auto_map` names. A drop-in folder 
     from phi3v.saving import save_drop_in
     save_drop_in(model, "out", base="microsoft/Phi-3.5-vision-instruct", image_processor=processor.image_processor)
 
-`python -m phi3v.merge` merges a LoRA/QLoRA adapter into its base and writes such a folder; the
-recipes' `--merge_lora` calls the same `save_merged`, and their full fine-tuning saves (the final one
+`python -m phi3v.merge` merges a LoRA/QLoRA adapter into its base and writes such a folder, one weight
+at a time from the base's safetensors shards (`LoraMerge`, `merge_into_shards`: the bytes of peft's
+`merge_and_unload` in fp32, in far less memory than the model); the recipes' `--merge_lora` calls the
+same `save_merged`, and their full fine-tuning saves (the final one
 and every checkpoint-N, through `DropInCheckpoints`) go through `finish_drop_in`.
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -241,11 +244,8 @@ def adapter_base(adapter_dir) -> str:
     return base
 
 
-def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32, merge: bool = False):
-    """The base in full precision (also for a QLoRA adapter: never 4-bit) with the adapter on top.
-
-    `merge`: folded into the weights (`merge_and_unload`, a plain Phi3VForCausalLM); otherwise a peft model.
-    """
+def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32):
+    """The base in full precision (also for a QLoRA adapter: never 4-bit) with the adapter on top (a peft model)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -254,8 +254,7 @@ def load_with_adapter(adapter_dir, base=None, dtype: torch.dtype = torch.float32
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except OSError as err:
         raise ValueError(f"cannot load the base model {base!r} ({err}); pass it with --base/--model") from None
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.merge_and_unload() if merge else model
+    return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
 def run_processor(folder, base, num_crops: int | None = None):
@@ -267,13 +266,260 @@ def run_processor(folder, base, num_crops: int | None = None):
     return AutoProcessor.from_pretrained(str(folder) if has_own else base, num_crops=num_crops)
 
 
+# Output shards of the merged model: at most this many bytes each, as the hub's shards of
+# Phi-3.5-vision-instruct (4.97 GB + 3.30 GB); one shard is written as model.safetensors with no index.
+MAX_SHARD_BYTES = 5 * 10**9
+SAFETENSORS_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                           torch.uint8: "U8", torch.bool: "BOOL"}
+# LoRA settings whose merge is not `W + (B @ A) * scaling` on the Linear layers' weights (or that change the
+# base at load time): the lean merge refuses them rather than write something peft would not.
+UNSUPPORTED_LORA_SETTINGS = ("use_dora", "lora_bias", "modules_to_save", "layer_replication", "target_parameters",
+                             "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+                             "velora_config", "monteclora_config", "arrow_config", "kasa_config", "megatron_config")
+ADAPTER_PREFIX = "base_model.model."
+
+
+class LoraMerge:
+    """What merging a peft LoRA adapter does to each weight of its base, read lazily from the files.
+
+    peft's `merge_and_unload` on a base loaded in fp32 computes, for each LoRA'd Linear,
+    `W + (B @ A) * scaling` in fp32 (`fan_in_fan_out` does not apply to nn.Linear: peft turns it off), with
+    `scaling = alpha / r` (`alpha / sqrt(r)` with rslora; r and alpha from rank_pattern/alpha_pattern); a
+    full weight the adapter saved (`save_embedding_layers`, e.g. lm_head when it is a LoRA target; biases of
+    `bias="all"`) replaces the base's first. `merged(key, base_weight)` does the same for one weight.
+    """
+
+    def __init__(self, adapter_dir):
+        from peft import PeftConfig
+        from peft.utils.other import get_pattern_key
+
+        adapter_dir = Path(adapter_dir)
+        weights = adapter_dir / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ValueError(f"{adapter_dir} has no adapter_model.safetensors (the only adapter format merged here)")
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        if str(config.peft_type) not in ("LORA", "PeftType.LORA"):
+            raise ValueError(f"{adapter_dir}: a {config.peft_type} adapter, not LoRA: cannot merge it")
+        used = [name for name in UNSUPPORTED_LORA_SETTINGS if getattr(config, name, None)]
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            used.append(f"init_lora_weights={config.init_lora_weights!r}")
+        if used:
+            raise ValueError(f"{adapter_dir}: merging an adapter with {', '.join(used)} is not supported here "
+                             "(plain LoRA/QLoRA adapters only, as the recipes train them); merge it with peft's "
+                             "merge_and_unload")
+        self.path, self.config = weights, config
+        pairs = {}  # module name -> {"lora_A": key, "lora_B": key}
+        self.replaced = {}  # base weight key -> adapter key of the full weight that replaces it
+        with safe_open(weights, "pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            if not key.startswith(ADAPTER_PREFIX):
+                raise ValueError(f"{weights}: unexpected key {key} (not a peft model's)")
+            name = key.removeprefix(ADAPTER_PREFIX)
+            if name.endswith((".lora_A.weight", ".lora_B.weight")):
+                module = name.rsplit(".", 2)[0]
+                pairs.setdefault(module, {})[name.rsplit(".", 2)[1]] = key
+            elif ".lora_" in name:
+                raise ValueError(f"{weights}: {key} is not a LoRA weight of a Linear layer: not supported here")
+            else:
+                self.replaced[name.replace(".base_layer.", ".")] = key
+        for module, pair in pairs.items():
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{weights}: {module} has {', '.join(pair)} only")
+        self.scaling = {}  # base weight key -> scaling
+        for module in pairs:
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+            self.scaling[f"{module}.weight"] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        # base weight key -> (lora_A key, lora_B key)
+        self.lora = {f"{module}.weight": (pair["lora_A"], pair["lora_B"]) for module, pair in pairs.items()}
+
+    def check(self, shapes: dict[str, torch.Size]):
+        """Raise if the adapter does not fit a base whose weights have these shapes."""
+        for key, adapter_key in self.replaced.items():
+            if key not in shapes:
+                raise ValueError(f"{self.path}: {adapter_key} replaces {key}, which the base model does not have")
+        with safe_open(self.path, "pt") as f:
+            for key, (a_key, b_key) in self.lora.items():
+                a, b = f.get_slice(a_key).get_shape(), f.get_slice(b_key).get_shape()
+                if key not in shapes:
+                    raise ValueError(f"{self.path}: LoRA on {key.removesuffix('.weight')}, which the base model "
+                                     "does not have")
+                if len(shapes[key]) != 2 or a[1] != shapes[key][1] or b[0] != shapes[key][0] or a[0] != b[1]:
+                    raise ValueError(f"{self.path}: LoRA shapes {a_key} {a}, {b_key} {b} do not fit {key} "
+                                     f"{list(shapes[key])}")
+
+    def source(self, key: str, base_files: dict[str, Path]) -> tuple[Path, str]:
+        """The file and key to read the base's weight `key` from: the adapter's copy if it saved one."""
+        return (self.path, self.replaced[key]) if key in self.replaced else (base_files[key], key)
+
+    def merged(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (read from `source(key)`) as the merged model has it, in fp32 (non-floating ones unchanged)."""
+        if not weight.is_floating_point():
+            return weight
+        weight = weight.to(torch.float32)  # the caller's own tensor (safe_open copies): changed in place below
+        if key in self.lora:
+            with safe_open(self.path, "pt") as f:
+                a_key, b_key = self.lora[key]
+                lora_a, lora_b = (f.get_tensor(k).to(torch.float32) for k in (a_key, b_key))
+            # peft: base_layer.weight.data += get_delta_weight(), the delta being (B @ A) * scaling in fp32.
+            # In place, the same operations: two fp32 copies of the weight at most, not four.
+            delta = lora_b @ lora_a
+            delta *= self.scaling[key]
+            weight += delta
+        return weight
+
+
+def _base_weights(base) -> dict[str, Path]:
+    """Which safetensors file of the base holds each weight (a hub id: its snapshot, fetched if missing)."""
+    folder = base_model_folder(base)
+    files = _weight_files(folder)
+    if not files and not Path(base).is_dir():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["model*.safetensors", "model.safetensors.index.json"]
+        try:
+            folder = Path(snapshot_download(str(base), allow_patterns=patterns))
+        except Exception:
+            folder = Path(snapshot_download(str(base), allow_patterns=patterns, local_files_only=True))
+        files = _weight_files(folder)
+    if not files:
+        raise ValueError(f"the base model {base}: no model*.safetensors in {folder} (merging reads safetensors)")
+    where = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    return where
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, list[int], int]], tensors):
+    """A safetensors file of `entries` (key, dtype, shape, bytes), whose tensors `tensors` yields one by one.
+
+    The header (sizes and offsets) is known before any tensor is: each one is written as soon as it is
+    made, so only one is in memory at a time.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, dtype, shape, size in entries:
+        header[key] = {"dtype": SAFETENSORS_DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the tensors' bytes on 8
+
+    def write(tmp):
+        with open(tmp, "wb") as out:
+            out.write(len(head).to_bytes(8, "little") + head)
+            made = iter(tensors)  # not zip(): it would keep the previous tensor while the next is made
+            for key, dtype, shape, size in entries:
+                name, tensor = next(made)
+                assert name == key and tensor.dtype == dtype and list(tensor.shape) == shape, (key, name)
+                out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor  # before the next one is made
+
+    _write_atomically(path, write)
+
+
+def write_sharded(folder, entries: list[tuple[str, torch.dtype, list[int], int]], make, max_shard_bytes=None):
+    """Write `entries` (key, dtype, shape, bytes) as `folder`'s model*.safetensors, `make(key, dtype)` giving
+    each tensor when its turn comes: at most one in memory at a time.
+
+    Shards of at most `max_shard_bytes` (default MAX_SHARD_BYTES) in the entries' order, named and indexed
+    as transformers' save_pretrained and the hub do (one shard: model.safetensors, no index).
+    """
+    folder = Path(folder)
+    shards, max_shard_bytes = [[]], max_shard_bytes or MAX_SHARD_BYTES
+    for entry in entries:
+        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(entry)
+    names = _shard_names(len(shards))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*_weight_files(folder), folder / "model.safetensors.index.json"]:
+        if stale.name not in names and stale.exists():
+            stale.unlink()  # a previous save's shards would mix with these
+
+    def made(shard):
+        for key, dtype, _, _ in shard:
+            tensor = make(key, dtype)
+            yield key, tensor
+            del tensor  # before the next one is made
+
+    for name, shard in zip(names, shards):
+        _write_safetensors(folder / name, shard, made(shard))
+    if len(names) > 1:
+        _write_json(folder / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(e[3] for e in entries)},
+            "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard},
+        })  # fmt: skip
+
+
+def merge_into_shards(adapter_dir, base, output_dir, dtype: torch.dtype, max_shard_bytes: int | None = None):
+    """Write base + adapter, merged, as `output_dir`'s model*.safetensors in `dtype` (+ config.json).
+
+    The bytes `merge_and_unload` on the base in fp32 gives once cast to `dtype`, one weight at a time: each
+    is read from the base's shards, upcast to fp32 while its delta is added, cast and written. The weights
+    are the ones the model class has (as its save_pretrained writes them: a key of the base that phi3v
+    ignores on load is left out too).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    output_dir = Path(output_dir)
+    lora = LoraMerge(adapter_dir)
+    where = _base_weights(base)
+    config = AutoConfig.from_pretrained(str(base_model_folder(base)))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    ignored = getattr(model, "_keys_to_ignore_on_save", None) or ()
+    expected = {k: v for k, v in model.state_dict().items() if k not in ignored}
+    missing = [k for k in expected if k not in where and k not in lora.replaced]
+    if missing:
+        raise ValueError(f"the base model {base} lacks {len(missing)} weight(s) of {type(model).__name__}: "
+                         f"{', '.join(missing[:3])}")
+    entries, shapes = [], {}
+    for key, meta in expected.items():  # the safetensors headers only: no weight is read yet
+        source, name = lora.source(key, where)
+        with safe_open(source, "pt") as f:
+            shape = f.get_slice(name).get_shape()
+        if list(shape) != list(meta.shape):  # what from_pretrained would refuse
+            raise ValueError(f"{source}: {name} has shape {list(shape)}, {type(model).__name__} {list(meta.shape)}")
+        out_dtype = dtype if meta.is_floating_point() else meta.dtype
+        entries.append((key, out_dtype, list(shape), math.prod(shape) * out_dtype.itemsize))
+        shapes[key] = meta.shape
+    lora.check(shapes)
+
+    def merged(key, out_dtype):
+        source, name = lora.source(key, where)
+        with safe_open(source, "pt") as f:  # opened per weight: no file stays mapped
+            weight = f.get_tensor(name)
+        return lora.merged(key, weight).to(out_dtype)
+
+    write_sharded(output_dir, entries, merged, max_shard_bytes)
+    # config.json and generation_config.json as the model's save_pretrained writes them (finish_drop_in
+    # then gives config.json the official form and copies the base's generation_config.json over).
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(output_dir))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(output_dir))
+    return output_dir
+
+
 def save_merged(adapter_dir, output_dir, base=None, dtype: torch.dtype | None = None, num_crops: int | None = None):
-    """Merge a LoRA/QLoRA adapter into its base in fp32 and write a drop-in folder; returns the folder.
+    """Merge a LoRA/QLoRA adapter into its base and write a drop-in folder; returns the folder.
 
     `base`: default the adapter's base_model_name_or_path. `dtype`: default the base's (config.json).
-    The processor settings (num_crops) are those saved with the adapter, else the base's.
+    The processor settings (num_crops) are those saved with the adapter, else the base's. The weights are
+    those of peft's `merge_and_unload` on the base in fp32 (never the 4-bit one of a QLoRA run) cast to
+    `dtype`, bit for bit, but made one weight at a time (`merge_into_shards`): memory stays about one fp32
+    weight, not the model.
     """
     base = base or adapter_base(adapter_dir)
-    model = load_with_adapter(adapter_dir, base, merge=True)
+    dtype = dtype or base_dtype(base) or torch.float32
     processor = run_processor(adapter_dir, base, num_crops)
-    return save_drop_in(model, output_dir, base, processor.image_processor, dtype)
+    merge_into_shards(adapter_dir, base, output_dir, dtype)
+    return finish_drop_in(output_dir, base, processor.image_processor)

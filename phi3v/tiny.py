@@ -39,7 +39,9 @@ def tiny_config(
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
     vision_heads: int = 2,
+    vision_intermediate_size: int | None = None,
 ) -> Phi3VConfig:
+    """The tiny config; `vision_intermediate_size` None: twice `vision_hidden_size`."""
     real = json.loads((ASSETS / "config.json").read_text())
     half_head = hidden_size // num_heads // 2
     step = len(real["rope_scaling"]["long_factor"]) // half_head
@@ -61,7 +63,7 @@ def tiny_config(
         img_processor={**real["img_processor"], "image_dim_out": vision_hidden_size},
         vision_config=dict(
             hidden_size=vision_hidden_size,
-            intermediate_size=2 * vision_hidden_size,
+            intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
             num_hidden_layers=vision_layers,
             num_attention_heads=vision_heads,
         ),
@@ -101,6 +103,8 @@ def main(argv=None):
     parser.add_argument("--vision_hidden_size", type=int, default=32, help="CLIP hidden size")
     parser.add_argument("--vision_layers", type=int, default=2, help="CLIP layers (features come from layer -2)")
     parser.add_argument("--vision_heads", type=int, default=2, help="CLIP attention heads")
+    parser.add_argument("--vision_intermediate_size", type=int, default=None,
+                        help="CLIP MLP width (default: twice --vision_hidden_size; the real CLIP ViT-L/14-336: 4096)")
     args = parser.parse_args(argv)
     out = make_tiny_model(
         args.output_dir,
@@ -112,6 +116,7 @@ def main(argv=None):
         vision_hidden_size=args.vision_hidden_size,
         vision_layers=args.vision_layers,
         vision_heads=args.vision_heads,
+        vision_intermediate_size=args.vision_intermediate_size,
     )
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"wrote a tiny Phi-3.5-vision to {out} ({size:.1f} MiB)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import datasets
@@ -433,3 +434,30 @@ def test_full_train_cauldron_deepspeed(tiny_model_dir, data, tmp_path, run_scrip
                            base_params["model.layers.0.self_attn.qkv_proj.weight"])
     assert torch.isfinite(logits_of(trained, sample_inputs(out))).all()
     assert not list(data["mini"].rglob("cache-*")), "the script wrote cache files into the user's dataset folder"
+
+
+def test_full_train_from_a_cauldron_snapshot_root(tiny_model_dir, data, tmp_path, capsys):
+    """--full_train_dataset_path at the root of a the_cauldron snapshot (a folder per config, the others with
+    rows in the same schema): only docvqa/'s rows are read; a root without docvqa/ is refused, naming the folder."""
+    m = load_script()
+    root = tmp_path / "the_cauldron"
+    shutil.copytree(data["cauldron"] / "docvqa", root / "docvqa")
+    cauldron = datasets.load_dataset("parquet", data_files=str(root / "docvqa" / "train-00000-of-00001.parquet"),
+                                     split="train")  # fmt: skip
+    for config, rows in (("nlvr2", 3), ("hateful_memes", 1)):
+        (root / config).mkdir()
+        cauldron.select(range(rows)).to_parquet(str(root / config / "train-00000-of-00001.parquet"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        m.main([str(a) for a in [*common_args(tiny_model_dir, data, out), "--full_train", "--full_train_dataset_path",
+                                 root, "--num_crops", 1, "--preflight_only"]])  # fmt: skip
+    assert exit_info.value.code == 0
+    summary = json.loads((out / "preflight_summary.json").read_text())
+    assert summary["splits"]["train"]["rows"] == len(cauldron) == 4  # not 4 + 3 + 1 (every parquet file)
+
+    shutil.rmtree(root / "docvqa")
+    with pytest.raises(SystemExit):
+        m.parse_args(["--full_train", "--full_train_dataset_path", str(root), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert (f"--full_train_dataset_path {root}: holds the folders hateful_memes/, nlvr2/ (a the_cauldron snapshot?) "
+            "and no docvqa/ folder" in err and f"give the docvqa folder of the snapshot ({root / 'docvqa'}" in err)

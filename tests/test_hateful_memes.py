@@ -419,3 +419,27 @@ def test_group_by_length_sampler(script, tiny_model_dir, memes_dir, tmp_path, mo
     order = [lengths[i] for i in sampler]
     assert sorted(order) == sorted(lengths) and order[0] == max(lengths)
     assert all(order[i] >= order[i + 1] for i in range(0, len(order), 2))
+
+
+def test_cauldron_snapshot_root(script, memes_dataset, tiny_model_dir, tmp_path, capsys):
+    """--dataset_path at the root of a the_cauldron snapshot (a folder per config, the others with rows in the same
+    schema): only hateful_memes/'s rows are read; a root without hateful_memes/ is refused, naming the folder."""
+    root = tmp_path / "the_cauldron"
+    for config, rows in (("hateful_memes", len(memes_dataset)), ("docvqa", 3), ("nlvr2", 5)):
+        (root / config).mkdir(parents=True)
+        memes_dataset.select(range(rows)).to_parquet(str(root / config / "train-00000-of-00001.parquet"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(a) for a in common_args(tiny_model_dir, root, out, "--num_crops", 1, "--preflight_only")])
+    assert exit_info.value.code == 0
+    splits = json.loads((out / "preflight_summary.json").read_text())["splits"]
+    assert sum(s["rows"] for s in splits.values()) == len(memes_dataset) == 12  # not 12 + 3 + 5
+    assert script.parse_args(["--dataset_path", str(root / "hateful_memes")]).dataset_path == str(root / "hateful_memes")
+
+    shutil.rmtree(root / "hateful_memes")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--dataset_path", str(root)])
+    err = capsys.readouterr().err
+    assert (f"--dataset_path {root}: holds the folders docvqa/, nlvr2/ (a the_cauldron snapshot?) and no "
+            "hateful_memes/ folder" in err and f"give the hateful_memes folder of the snapshot ({root / 'hateful_memes'}"
+            in err)

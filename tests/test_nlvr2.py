@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,31 @@ def test_group_by_length_sampler_uses_preflight_lengths(tiny_model_dir, nlvr2_di
     # The sampler puts the longest sample in the first batch; the collator builds exactly that length.
     batch = next(iter(trainer.get_train_dataloader()))
     assert int(batch["attention_mask"].sum(dim=1).max()) == max(expected)
+
+
+def test_cauldron_snapshot_root(tiny_model_dir, nlvr2_dir, tmp_path, capsys):
+    """--dataset_path at the root of a the_cauldron snapshot (a folder per config, the others with rows in the same
+    schema): only nlvr2/'s rows are read; a root without nlvr2/ is refused, naming the folder."""
+    import datasets
+
+    module = load_script()
+    data = datasets.load_from_disk(str(nlvr2_dir))
+    root = tmp_path / "the_cauldron"
+    for config, rows in (("nlvr2", len(data)), ("docvqa", 3), ("hateful_memes", 5)):
+        (root / config).mkdir(parents=True)
+        data.select(range(rows)).to_parquet(str(root / config / "train-00000-of-00001.parquet"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([str(a) for a in [*common_args(tiny_model_dir, root, out), "--preflight_only"]])
+    assert exit_info.value.code == 0
+    splits = json.loads((out / "preflight_summary.json").read_text())["splits"]
+    assert sum(s["rows"] for s in splits.values()) == len(data) == 10  # not 10 + 3 + 5
+    args = module.parse_args(["--dataset_path", str(root / "nlvr2"), "--output_dir", str(tmp_path / "o")])
+    assert args.dataset_path == str(root / "nlvr2")
+
+    shutil.rmtree(root / "nlvr2")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--dataset_path", str(root), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert (f"--dataset_path {root}: holds the folders docvqa/, hateful_memes/ (a the_cauldron snapshot?) and no "
+            f"nlvr2/ folder" in err and f"give the nlvr2 folder of the snapshot ({root / 'nlvr2'}" in err)

@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoProcessor, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PreTrainedModel
 
 import finetune_hf_trainer_ucf101 as recipe
 import phi3v
 from own_data import OWN_FILES, photo, photo_set, write_jsonl
-from phi3v import merge, predict
+from phi3v import merge, predict, saving
 from phi3v.conversation import generation_batch
-from phi3v.saving import save_drop_in
+from phi3v.saving import adapter_base, load_with_adapter, run_processor, save_drop_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training: see conftest.one_thread
 
@@ -147,6 +148,160 @@ def test_merge_cli_errors(tmp_path, capsys):
         merge.main(["--adapter", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="is not a folder"):
         merge.main(["--adapter", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The lean merge (one weight at a time) writes the bytes of the whole-model merge it replaced
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qlora_run(drop_in_base, photos, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("qlora") / "out"
+    recipe.main([str(a) for a in [
+        "--model_name_or_path", drop_in_base, "--data_dir", photos, *OWN_FILES, "--output_dir", output_dir,
+        "--num_crops", 1, "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 2, "--learning_rate", 1e-2,
+        "--use_qlora", "--lora_rank", 4, "--max_eval_samples", 0, "--logging_steps", 1,
+        "--dataloader_num_workers", 0, "--deepspeed", "none", "--no-tqdm",
+    ]])  # fmt: skip
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def rich_adapter(drop_in_base, tmp_path_factory) -> Path:
+    """A LoRA adapter with every setting the lean merge reads: rslora, rank and alpha patterns, random B
+    everywhere (CLIP and projector too), and a saved lm_head that differs from the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(drop_in_base, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=7, use_rslora=True, rank_pattern={"qkv_proj": 2}, alpha_pattern={"o_proj": 3},
+                        target_modules=phi3v.lora_target_modules(model), init_lora_weights="gaussian")
+    model = get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+        model.base_model.model.lm_head.base_layer.weight.mul_(1.5)
+    folder = tmp_path_factory.mktemp("rich") / "adapter"
+    model.save_pretrained(folder, save_embedding_layers=True)
+    return folder
+
+
+def whole_model_merge(adapter: Path, output_dir: Path, dtype=None) -> Path:
+    """The merge as it was before it went weight by weight: the base in fp32 with peft's merge_and_unload,
+    save_pretrained, then the weights cast to the output dtype."""
+    base = adapter_base(adapter)
+    model = load_with_adapter(adapter, base).merge_and_unload()
+    return save_drop_in(model, output_dir, base, run_processor(adapter, base).image_processor, dtype)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("model*.safetensors"))
+    assert files
+    out = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_same_folder(folder: Path, expected: Path):
+    """The same files; json equal, other files byte for byte; every tensor equal, in the same dtype."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in expected.iterdir():
+        if path.suffix == ".json":
+            assert json.loads((folder / path.name).read_text()) == json.loads(path.read_text()), path.name
+        elif path.suffix != ".safetensors":
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    got, want = weights(folder), weights(expected)
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("run, dtype", [("lora_run", None), ("qlora_run", None), ("qlora_run", "float16"),
+                                        ("rich_adapter", None), ("rich_adapter", "float32")])
+def test_lean_merge_is_bit_identical_to_the_whole_model_merge(run, dtype, request, drop_in_base, tmp_path):
+    """`python -m phi3v.merge` (weight by weight) writes what the whole-model merge in fp32 wrote: the
+    recipe's LoRA and QLoRA adapters (the UCF101 recipe saves lm_head, a LoRA target, with the adapter),
+    and an adapter with rslora, rank/alpha patterns and a changed saved lm_head; bf16 (the base's), fp16, fp32."""
+    adapter = request.getfixturevalue(run)
+    expected = whole_model_merge(adapter, tmp_path / "whole", {None: None, "float16": torch.float16,
+                                                                "float32": torch.float32}[dtype])
+    merge.main(["--adapter", str(adapter), "--output_dir", str(tmp_path / "lean"), *(["--dtype", dtype] if dtype else [])])
+    assert_same_folder(tmp_path / "lean", expected)
+    merged, base = weights(tmp_path / "lean"), weights(drop_in_base)
+    assert not torch.equal(merged["model.layers.0.self_attn.qkv_proj.weight"].float(),
+                           base["model.layers.0.self_attn.qkv_proj.weight"].float())  # the adapter is in
+
+
+def test_lean_merge_shards_and_streams(rich_adapter, drop_in_base, tmp_path, monkeypatch, capsys):
+    """Shards of bounded size with the official index, loadable and equal to the one-file output; one weight in
+    memory at a time: when a weight is merged, every weight merged before it is gone."""
+    merge.main(["--adapter", str(rich_adapter), "--output_dir", str(tmp_path / "one")])
+    assert "GiB max RSS)" in capsys.readouterr().out
+    one = weights(tmp_path / "one")
+
+    merged_so_far = []
+    lean_merged = saving.LoraMerge.merged
+
+    def spy(self, key, weight):
+        assert all(ref() is None for ref in merged_so_far), "an earlier weight is still in memory"
+        out = lean_merged(self, key, weight)
+        merged_so_far.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(saving.LoraMerge, "merged", spy)
+    shard_bytes = sum(t.numel() * 4 for t in one.values()) // 5  # fp32; the two 32064-row embeddings fill most
+    monkeypatch.setattr(saving, "MAX_SHARD_BYTES", shard_bytes)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"stale")  # an earlier save's weights do not stay
+    merge.main(["--adapter", str(rich_adapter), "--output_dir", str(out), "--dtype", "float32"])
+    assert len(merged_so_far) == len(one)
+    files = sorted(p.name for p in out.glob("model*.safetensors"))
+    assert len(files) >= 3 and files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index) == {"metadata", "weight_map"} and set(index["metadata"]) == {"total_size"}
+    sharded = weights(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in sharded.values())
+    for name in files:
+        with safe_open(out / name, "pt") as f:
+            assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+            size = sum(torch.Size(f.get_slice(k).get_shape()).numel() * 4 for k in f.keys())
+            assert size <= shard_bytes or len(list(f.keys())) == 1
+    assert set(sharded) == set(one) and all(torch.equal(sharded[k].to(v.dtype), v) for k, v in one.items())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(v, sharded[k]) for k, v in model.state_dict().items())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_merge_memory_bench_at_tiny_size(tmp_path, capsys):
+    """`python -m bench.merge_memory --tiny`: the README's real-size measurement on the tiny model. Its random
+    base and UCF101-style adapter (random B, lm_head saved along) merge as peft merges them."""
+    from bench import merge_memory
+
+    line = merge_memory.main(["--workdir", str(tmp_path), "--tiny", "--keep"])
+    assert line.startswith(f"merged {tmp_path / 'adapter'} into its base") and "GiB max RSS)" in line
+    assert "base 0.0" in capsys.readouterr().out
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (64, 128, str(tmp_path / "base"))
+    assert "lm_head" in config["target_modules"]
+    expected = whole_model_merge(tmp_path / "adapter", tmp_path / "whole")
+    assert_same_folder(tmp_path / "merged", expected)
+
+
+def test_lean_merge_refuses_what_it_does_not_merge(rich_adapter, tmp_path):
+    """A DoRA adapter (its merge is not W + BA): a clear refusal, no folder written."""
+    dora = tmp_path / "dora"
+    shutil.copytree(rich_adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(SystemExit, match="merging an adapter with use_dora is not supported here"):
+        merge.main(["--adapter", str(dora), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_reproduces_eval_after(lora_run, photos, tmp_path, capsys):
@@ -313,3 +468,28 @@ def test_predict_torchrun_keeps_input_order(tiny_model_dir, tmp_path, run_script
     two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert [r["id"] for r in two] == [f"q{i}" for i in range(5)]
     assert two == one
+
+
+# ---------------------------------------------------------------------------------------------
+# A test model for vLLM: the real CLIP ViT-L/14-336 tower (vLLM hard-codes it), a tiny decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_vision_intermediate_size(tmp_path):
+    """`python -m phi3v.tiny --vision_intermediate_size N` sets the CLIP MLP width (default still twice the
+    width); with the README's vLLM sizes the vision config is the real model's, key for key."""
+    from phi3v import tiny
+
+    tiny.main(["--output_dir", str(tmp_path / "m"), "--vision_hidden_size", "32", "--vision_intermediate_size", "48"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vision_config"]["intermediate_size"] == 48
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    fc1 = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[0].mlp.fc1
+    assert tuple(fc1.weight.shape) == (48, 32)
+    assert tiny.tiny_config().vision_config.intermediate_size == 64
+
+    real = AutoConfig.from_pretrained(tiny.ASSETS)
+    vllm_sizes = tiny.tiny_config(vision_hidden_size=1024, vision_layers=24, vision_heads=16,
+                                  vision_intermediate_size=4096)  # the README's command
+    assert vllm_sizes.vision_config.to_dict() == real.vision_config.to_dict()
+    assert vllm_sizes.img_processor == real.img_processor and vllm_sizes.hidden_size == 64

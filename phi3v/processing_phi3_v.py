@@ -633,7 +633,10 @@ class Phi3VProcessor(ProcessorMixin):
                     if kind == "image":
                         new = [load_image_part(part) if load else None]
                     elif kind == "video":
-                        new = video_part_frames(part, num_frames) if load else [None] * video_part_length(part, num_frames)
+                        if load:
+                            new = video_part_frames(part, num_frames)
+                        else:
+                            new = [None] * video_part_length(part, num_frames)
                     else:
                         raise ValueError(f"unknown part {part!r:.80}: the types are 'text', 'image' and 'video'")
                 except ValueError as err:

@@ -31,6 +31,11 @@ without decoding pixels.
 The processor expands every `<|image_k|>` tag into `num_image_tokens` copies of the id `-k` and
 tokenizes each text chunk separately, so every chunk starts with `<s>`, exactly as the official
 processor does. It also takes a batch: a list of prompts with a list of images per prompt.
+
+`Phi3VProcessor.apply_chat_template` also takes transformers 5's typed messages (image, video and
+text parts, as TRL's vision collator sends them): each image or frame becomes `<|image_N|>` and a
+newline, numbered across the conversation, and the official string template renders the rest, so
+the saved files keep the official template and the inputs equal those of the hand-written prompt.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ def _one_source(part: dict, keys: tuple[str, ...]) -> tuple[str, object]:
     found = [key for key in keys if key in part]
     if len(found) != 1:
         named = ", ".join(repr(k) for k in keys)
-        raise ValueError(f"a {part['type']} part needs exactly one of {named}; it has {sorted(part)}")
+        raise ValueError(f"the {part['type']} part needs exactly one of {named}; it has {sorted(part)}")
     return found[0], part[found[0]]
 
 
@@ -628,7 +633,10 @@ class Phi3VProcessor(ProcessorMixin):
                     if kind == "image":
                         new = [load_image_part(part) if load else None]
                     elif kind == "video":
-                        new = video_part_frames(part, num_frames) if load else [None] * video_part_length(part, num_frames)
+                        if load:
+                            new = video_part_frames(part, num_frames)
+                        else:
+                            new = [None] * video_part_length(part, num_frames)
                     else:
                         raise ValueError(f"unknown part {part!r:.80}: the types are 'text', 'image' and 'video'")
                 except ValueError as err:

@@ -118,7 +118,10 @@ def test_batched_conversations_and_string_content(processor, pictures):
         {"role": "user", "content": [{"type": "image", "path": str(tall)}, {"type": "image", "path": str(photo)}]},
     ]
     prompts = [
-        hand_written(processor, [{"role": "user", "content": "<|image_1|>\nDescribe."}], [load_image(photo)], add_generation_prompt=True)[0],
+        hand_written(
+            processor, [{"role": "user", "content": "<|image_1|>\nDescribe."}], [load_image(photo)],
+            add_generation_prompt=True,
+        )[0],
         hand_written(
             processor,
             [{"role": "user", "content": "Hello, no image here."}, {"role": "assistant", "content": "Hi."},
@@ -174,8 +177,11 @@ def test_video_parts(processor, pictures, tmp_path):
         ]},
     ]  # fmt: skip
     by_hand = [{"role": "user", "content": "<|image_1|>\n<|image_2|>\n<|image_3|>\nWhat happens?"}]
-    _, reference = hand_written(processor, by_hand, [load_image(tall), load_image(photo), load_image(tall)], add_generation_prompt=True)
-    typed = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    images = [load_image(tall), load_image(photo), load_image(tall)]
+    _, reference = hand_written(processor, by_hand, images, add_generation_prompt=True)
+    typed = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert_same_inputs(typed, reference)
 
     # A video file: frames sampled as convert_ucf101.py samples clips (20 frames, 4 asked: 0, 5, 10, 15).
@@ -202,8 +208,8 @@ def test_video_parts(processor, pictures, tmp_path):
         ([{"type": "audio", "path": "a.wav"}], r"message 1 \(user\), part 0: unknown part .*'text', 'image' and 'video'"),
         ([{"type": "text", "text": "hi"}, {"type": "image", "path": "/nonexistent/x.png"}],
          r"message 1 \(user\), part 1: image file not found: /nonexistent/x.png"),
-        ([{"type": "image"}], r"part 0: a image part needs exactly one of 'image', 'path', 'url', 'base64'"),
-        ([{"type": "image", "path": "a.png", "url": "file:///a.png"}], r"part 0: a image part needs exactly one of"),
+        ([{"type": "image"}], r"part 0: the image part needs exactly one of 'image', 'path', 'url', 'base64'"),
+        ([{"type": "image", "path": "a.png", "url": "file:///a.png"}], r"part 0: the image part needs exactly one of"),
         ([{"type": "image", "base64": "not base64!"}], r"part 0: not valid base64"),
         ([{"type": "image", "url": "ftp://host/x.png"}], r"part 0: 'url' must start with file://, http://, https:// or data:"),
         ([{"type": "text", "text": "<|image_1|>\nhi"}], r"part 0: the text holds an <\|image_N\|> tag"),
@@ -252,7 +258,9 @@ def test_continue_final_message(processor, pictures):
     ]
     text = processor.apply_chat_template(messages, continue_final_message=True)
     assert text == "<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\nIt is a"
-    inputs = processor.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        messages, continue_final_message=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert torch.equal(inputs["input_ids"], processor(text, [load_image(photo)])["input_ids"])
 
 

@@ -76,6 +76,9 @@ def parse_args(argv=None):
     add("--repeats", type=int, default=1, help="--growth: runs per page count and side (best step time, largest memory)")
     add("--time_cap", type=float, default=600, help="seconds one side's process may run")
     add("--memory_cap", type=float, default=12, help="GB of resident memory one side's process may use")
+    add("--malloc_mmap_threshold", type=int,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ to this many bytes on both sides: blocks at least that large "
+             "go back to the OS when freed, so peak RSS comes close to the peak of live tensors (slower)")
     add("--plot", help="--growth: PNG to draw (default OUTPUT_DIR/growth_DEVICE.png)")
     add("--output_dir", default="outputs/vs_official")
     add("--seed", type=int, default=0)
@@ -183,6 +186,8 @@ def run_side(args, side: str, model_dir: Path, samples: list[dict], name: str, o
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     cap = args.memory_cap * 1e9
     stopped, peak_seen = [], [0]
     with open(log_path, "w") as log:
@@ -296,7 +301,9 @@ def compare(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict
              f"Tokens per step: {', '.join(str(s['tokens']) for s in ours['steps'])}. Threads per side: "
              f"{ours['threads']}. Attention: project {args.attn}, official {args.official_attn}. "
              f"Load average before/after: {meta['load_before']} / {meta['load_after']}. "
-             f"Memory: {ours['memory_kind']}.", ""]
+             f"Memory: {ours['memory_kind']}"
+             + (f", with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} on both sides" if args.malloc_mmap_threshold
+                else ", glibc's default allocator settings") + ".", ""]
     lines += comparison_table(ours, official)
     if official is not None and "error" not in official:
         check = numerics(ours, official)

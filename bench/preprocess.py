@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import random
-import time
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from PIL import Image
 
 from phi3v.processing_phi3_v import CROP_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Phi3VImageProcessor, hd_transform_size
 
+from .timing import cpu_seconds_per_call
 from .workloads import document_page, video_frame
 
 
@@ -51,23 +51,6 @@ def plain_preprocess(images: list[Image.Image], num_crops: int) -> torch.Tensor:
         padding = torch.zeros(num_crops - rows * cols, 3, CROP_SIZE, CROP_SIZE)
         out.append(torch.cat([global_crop, crops, padding]))
     return torch.stack(out)
-
-
-def cpu_seconds_per_call(fns: dict, repeats: int) -> dict:
-    """CPU time of one call of each function, best of `repeats`, the functions taking turns.
-
-    Process time on one thread is what a call costs a core; taking turns exposes every function to
-    the same moments of a shared machine, and the best run is the one least slowed by other jobs
-    sharing caches and memory bandwidth."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return {name: min(t) for name, t in times.items()}
 
 
 def measure(repeats: int = 15, quick: bool = False) -> list[dict]:

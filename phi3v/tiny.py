@@ -39,9 +39,11 @@ def tiny_config(
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
     vision_heads: int = 2,
+    intermediate_size: int | None = None,
     vision_intermediate_size: int | None = None,
 ) -> Phi3VConfig:
-    """The tiny config; `vision_intermediate_size` None: twice `vision_hidden_size`."""
+    """The tiny config; `intermediate_size` / `vision_intermediate_size` None: twice `hidden_size` /
+    `vision_hidden_size`."""
     real = json.loads((ASSETS / "config.json").read_text())
     half_head = hidden_size // num_heads // 2
     step = len(real["rope_scaling"]["long_factor"]) // half_head
@@ -51,7 +53,7 @@ def tiny_config(
 
     overrides = dict(
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -196,3 +198,44 @@ def test_packed_sdpa_runs_each_sample_alone_and_matches_the_masked_path(tiny_mod
     model(input_ids=torch.stack([torch.nn.functional.pad(e["input_ids"], (0, 60 - len(e["input_ids"])))
                                  for e in examples]), attention_mask=attention_mask)
     assert {c for c in calls if c[0] != 577} == {(60, False)}
+
+
+def test_vs_official_ours_only_measures_and_draws_growth(tmp_path):
+    """`bench.vs_official` without the official code (a user without the second Python): the project's
+    side runs in its own process on the four pages and on 1 and 2 pages per sample, and the growth plot
+    is drawn. The official side is covered by the next test where that environment exists."""
+    from bench.vs_official import main
+
+    common = ["--ours_only", "--model_size", "tiny", "--page_scale", "0.2", "--num_crops", "4",
+              "--output_dir", str(tmp_path)]
+    assert main([*common, "--preprocess_repeats", "1"]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    ours = result["ours"]
+    assert result["official"] is None and "Official side not run" in result["markdown"]
+    assert len(ours["steps"]) == 4 and set(ours["preprocess_ms"]) == {
+        "page_340x440", "page_248x351", "page_170x220", "page_320x180"}
+    assert all(s["loss"] > 0 and s["grad_norms"]["total"] > 0 and s["grad_norms"]["vision"] > 0 for s in ours["steps"])
+    assert ours["training_memory_bytes"] > 0 and ours["tokens_per_cpu_s"] > 0
+    assert ours["memory_kind"].startswith("VmHWM")
+
+    assert main([*common, "--growth", "1,2", "--plot", str(tmp_path / "growth.png")]) == 0
+    growth = json.loads((tmp_path / "growth.json").read_text())
+    one, two = growth["rows"]["ours"]
+    assert (one["pages"], two["pages"]) == (1, 2) and two["tokens"] > one["tokens"]
+    assert "ours_memory_fit" in growth and (tmp_path / "growth.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not (os.environ.get("PHI3V_OFFICIAL_CODE") and os.environ.get("PHI3V_OFFICIAL_PYTHON")),
+                    reason="set PHI3V_OFFICIAL_CODE (the three official .py files) and PHI3V_OFFICIAL_PYTHON "
+                           "(scripts/setup_official_env.sh) to compare with the official code")
+def test_vs_official_same_losses_and_gradients_as_the_official_code(tmp_path):
+    from bench.vs_official import main
+
+    assert main(["--official_code", os.environ["PHI3V_OFFICIAL_CODE"], "--official_python",
+                 os.environ["PHI3V_OFFICIAL_PYTHON"], "--model_size", "tiny", "--page_scale", "0.25",
+                 "--num_crops", "4", "--preprocess_repeats", "1", "--output_dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert "error" not in result["official"], result["official"].get("error")
+    assert result["numerics"]["same_inputs"]
+    assert result["numerics"]["max_rel_loss_diff"] <= 1e-6 and result["numerics"]["max_rel_grad_norm_diff"] <= 1e-6
+    assert "EQUAL" in result["markdown"]

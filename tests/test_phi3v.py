@@ -442,3 +442,32 @@ def test_tiny_maker_cli(tmp_path, monkeypatch, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= files
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["hidden_size"] == 32 and config["rope_scaling"]["type"] == "su"
+
+
+def test_checkpointed_training_encodes_crops_in_small_batches_with_the_same_gradients(tiny_model_dir, processor):
+    """Under gradient checkpointing CLIP sees at most crops_per_checkpointed_batch crops at a time (the
+    backward pass's largest transient); the loss and every gradient equal those of one CLIP batch."""
+    prompt = "<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n"
+    batch = processor(prompt, [picture(700, 1000)], num_crops=9)  # 1 global + 3x3 sub-crops
+    answer = torch.tensor([processor.tokenizer("A form<|end|>", add_special_tokens=False).input_ids])
+    inputs = dict(input_ids=torch.cat([batch["input_ids"], answer], 1), pixel_values=batch["pixel_values"],
+                  image_sizes=batch["image_sizes"])
+    inputs["labels"] = torch.cat([torch.full_like(batch["input_ids"], -100), answer], 1)
+    results = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        tower = model.model.vision_embed_tokens.vision_tower
+        calls = []
+        original = tower.hidden_state
+        tower.hidden_state = lambda pixels, layers: calls.append(len(pixels)) or original(pixels, layers)
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls))
+    (loss_one, grads_one, calls_one), (loss_chunked, grads_chunked, calls_chunked) = results
+    assert calls_one == [10] and calls_chunked == [4, 4, 2]
+    torch.testing.assert_close(loss_chunked, loss_one, rtol=1e-6, atol=0)
+    assert grads_chunked.keys() == grads_one.keys()
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -92,6 +92,48 @@ def run_script():
 
 
 @pytest.fixture
+def run_main(capfd):
+    """Run a top-level script's main(argv) in this process, one torch thread; returns a CompletedProcess
+    (what it printed to stdout and stderr in .stdout, SystemExit's code in .returncode).
+
+    For runs whose process boundary is not what the test checks (no DeepSpeed, torchrun, exit status of a
+    crash or kill): it saves the ~5 CPU-seconds a subprocess spends importing torch, transformers and the
+    script, many times over in the suite.
+    """
+    import importlib.util
+    import warnings
+
+    import torch
+
+    def run(script: str, *args, check=True):
+        argv = [str(a) for a in args]
+        spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        capfd.readouterr()
+        code = 0
+        # Warnings as a fresh process prints them to stderr (pytest would otherwise collect them).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                module.main(argv)
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+                out, err = capfd.readouterr()
+        err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        proc = subprocess.CompletedProcess([script, *argv], code, out + err)
+        if check and code != 0:
+            raise AssertionError(f"{script} {' '.join(argv)} exited {code}:\n{proc.stdout[-8000:]}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
 def drawn_figures(monkeypatch) -> dict:
     """What every matplotlib figure saved during the test drew, by file name.
 

@@ -25,6 +25,43 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# The longest files first, as measured on 2 cores (a learning test trains for minutes; the crash and
+# distributed tests start several processes). `scripts/test.sh` runs pytest-xdist with --dist loadfile
+# --no-loadscope-reorder, which hands files out in collection order: left to itself xdist orders them by
+# their number of tests, so the long learning files, with 1-3 tests each, started last and one worker
+# ran them alone at the end. Test files named test_learning_* that are not listed come first of all.
+LONGEST_FILES_FIRST = [
+    "test_learning_own_data.py",
+    "test_learning_memes_nlvr2.py",
+    "test_learning_ucf101.py",
+    "test_learning_docvqa.py",
+    "test_crash_resume.py",
+    "test_distributed.py",
+    "test_use_finetuned.py",
+    "test_hateful_memes.py",
+    "test_nlvr2.py",
+    "test_preflight_ucf101.py",
+    "test_preflight_hateful_memes.py",
+    "test_preflight_nlvr2.py",
+    "test_preflight_docvqa.py",
+    "test_ucf101.py",
+    "test_docvqa.py",
+    "test_bench.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+
+    def order(item):
+        name = item.path.name
+        if name in rank:
+            return rank[name]
+        return -1 if name.startswith("test_learning_") else len(rank)
+
+    items.sort(key=order)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread in this process for a module that trains in-process: the tiny model's ops are

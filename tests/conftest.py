@@ -138,6 +138,7 @@ def run_main(capfd):
     script, many times over in the suite.
     """
     import importlib.util
+    import logging
     import warnings
 
     import torch
@@ -151,6 +152,15 @@ def run_main(capfd):
         torch.set_num_threads(1)
         capfd.readouterr()
         code = 0
+        # Library log handlers (transformers', datasets', ...) keep the sys.stderr of the moment they were
+        # made, maybe an earlier test's closed capture: for this run they write to stderr, as in a fresh process.
+        handlers = [h for logger in [logging.root, *logging.root.manager.loggerDict.values()]
+                    for h in getattr(logger, "handlers", []) if type(h) is logging.StreamHandler]
+        saved = [(h.stream, h.__dict__.get("flush")) for h in handlers]
+        for handler in handlers:
+            handler.stream = sys.stderr  # not setStream: it would flush the old, maybe closed, stream
+            if "flush" in handler.__dict__:  # transformers binds its handler's flush to that sys.stderr too
+                handler.flush = sys.stderr.flush
         # Warnings as a fresh process prints them to stderr (pytest would otherwise collect them).
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
@@ -160,6 +170,10 @@ def run_main(capfd):
                 code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
             finally:
                 torch.set_num_threads(threads)
+                for handler, (stream, flush) in zip(handlers, saved):
+                    handler.stream = stream
+                    if flush is not None:
+                        handler.flush = flush
                 out, err = capfd.readouterr()
         err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
         proc = subprocess.CompletedProcess([script, *argv], code, out + err)

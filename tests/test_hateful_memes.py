@@ -30,8 +30,6 @@ SCRIPT = "finetune_hf_trainer_hateful_memes.py"
 SIZES = [(64, 48), (48, 64), (80, 40)]  # different image token counts at num_crops 2
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 ANSWERS = ["No", "Yes", "No", "Yes"]  # the 4 eval rows: both classes, so the AUROC is defined
-# One OpenMP thread per process: with other jobs on the machine, 2 spinning threads are far slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def make_rows(n=12, seed=0):

@@ -1,6 +1,7 @@
 """Training throughput and memory of Phi-3.5-vision fine-tuning: the original recipe against phi3v.
 
     python -m bench.run --device cuda --workload docvqa            # full-size model, random weights
+    python -m bench.run --device cuda --short                       # the same, about 5 minutes (see SHORT)
     python -m bench.run --device cpu --attn sdpa                    # mid-size model, all strategies
     python -m bench.run --device cpu --strategies lora --attn sdpa  # one strategy
     python -m bench.run --quick                                     # smoke test, tiny model
@@ -56,6 +57,17 @@ LEVERS = {  # each on its own, on top of the baseline; batch_size None means --b
 OURS = dict(batch_size=None, group_by_length=True, packed=None, all_slots=False, full_vocab_loss=False,
             eval_batched=True, resize_backend="torch")  # packed None: --packing decides
 REPO = Path(__file__).resolve().parents[1]
+# --short: one pass that fits a few minutes of a lent GPU (under 8 minutes on an H100, model build
+# included): `ours` for full fine-tuning, LoRA and QLoRA with one attention backend, each in its own
+# process after one warm-up micro-step; the first strategy's run also generates one prompt at a time
+# on the same model and prompts, for batched evaluation's speed-up. Every part is time-boxed.
+SHORT = dict(
+    strategies=("full", "lora", "qlora"),
+    steps=4,  # planned measured micro-steps; measuring stops earlier past measure_seconds
+    measure_seconds=30,
+    eval_seconds=45,  # per evaluation mode: one at a time stops starting prompts after this
+    total_seconds=450,  # every configuration's timeout is cut to what is left of this
+)
 
 
 def parse_args(argv=None):
@@ -89,6 +101,10 @@ def parse_args(argv=None):
     add("--lora_alpha", type=int, default=16)
     add("--peak_tflops", type=float, help="accelerator peak for MFU (default: known from the GPU name)")
     add("--quick", action="store_true", help="tiny model, tiny images, few steps: a smoke test")
+    add("--short", action="store_true",
+        help="under 8 minutes on one H100: `ours` only, full/lora/qlora (or --strategies), one attention backend "
+             "(flash_attention_2 when installed, else sdpa), time-boxed steps, batched vs one-at-a-time evaluation "
+             "in the first strategy's run; no ablation, no preprocessing table")
     add("--no_preprocess", action="store_true", help="skip the image processor measurement")
     add("--output_dir", default="outputs/bench")
     add("--timeout", type=int, default=3600, help="seconds allowed per configuration")
@@ -96,8 +112,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     gpu, quick = args.device == "cuda", args.quick
+    if args.short:
+        args.mode, args.no_ablation, args.no_preprocess = "ours", True, True
+        if args.strategies == p.get_default("strategies"):
+            args.strategies = ",".join(SHORT["strategies"])
+        if args.attn is None:
+            from transformers.utils import is_flash_attn_2_available
+
+            args.attn = "flash_attention_2" if gpu and is_flash_attn_2_available() else "sdpa"
     defaults = dict(
-        steps=2 if quick or not gpu else 5,
+        steps=2 if quick else (SHORT["steps"] if args.short else 5 if gpu else 2),
         batch_size=2 if quick or not gpu else 8,
         eval_samples=2 if quick else (16 if gpu else 4),
         max_new_tokens=2 if quick else (32 if gpu else 8),
@@ -133,6 +157,8 @@ def plan_runs(args) -> list[dict]:
         lora_alpha=args.lora_alpha, peak_tflops=args.peak_tflops, seed=args.seed, cpu_threads=args.cpu_threads,
         model_dir=str(Path(args.output_dir).resolve() / f"model-{args.model_size}"),
     )
+    if args.short:
+        common.update(measure_seconds=SHORT["measure_seconds"], eval_seconds=SHORT["eval_seconds"])
     runs = []
 
     def add(label, strategy, attn, settings, eval_samples):
@@ -146,7 +172,10 @@ def plan_runs(args) -> list[dict]:
     for strategy in args.strategies:
         for attn in args.attn:
             for mode in modes:
-                add(mode, strategy, attn, BASELINE if mode == "baseline" else OURS, args.eval_samples)
+                first = strategy == args.strategies[0] and attn == args.attn[0]
+                add(mode, strategy, attn, BASELINE if mode == "baseline" else OURS,
+                    args.eval_samples if first or not args.short else 0)
+                runs[-1]["eval_one_at_a_time_too"] = args.short and first
     if args.mode == "both" and not args.no_ablation:
         for label, lever in LEVERS.items():
             add(label, args.strategies[0], args.attn[0], {**BASELINE, **lever}, 0)
@@ -163,6 +192,15 @@ def run_in_subprocess(module: str, argv: list[str], log: Path, timeout: int) -> 
         except subprocess.TimeoutExpired:
             out.write(f"\ntimed out after {timeout} s\n")
             return -1
+
+
+def smaller_batch(cfg: dict, args) -> dict | None:
+    """The configuration with half the micro-batch (same number of micro-steps), or None at batch 1."""
+    if cfg["batch_size"] == 1:
+        return None
+    size = cfg["batch_size"] // 2
+    return {**cfg, "batch_size": size, "samples": args.steps * size, "warmup_samples": args.warmup_steps * size,
+            "name": f"{cfg['name']}-batch{size}"}
 
 
 def run_config(cfg: dict, out_dir: Path, timeout: int) -> dict:
@@ -349,23 +387,26 @@ def targets(meta: dict, results: list[dict], preprocess: list[dict] | None) -> l
     for strategy in meta["strategies"]:
         attn = meta["attn"][0]
         base, ours = by_key.get((strategy, attn, "baseline")), by_key.get((strategy, attn, "ours"))
-        if not (base and ours):
+        if not ours:
             continue
-        memory = ratio(ours["peak_memory_per_sample_bytes"], base["peak_memory_per_sample_bytes"])
-        rows.append([f"{strategy}: peak training memory per sample <= 0.6x baseline",
-                     f"{gib(ours['peak_memory_per_sample_bytes']):.2f} GiB (batch {ours['samples_per_micro_batch']}) / "
-                     f"{gib(base['peak_memory_per_sample_bytes']):.2f} GiB (batch {base['samples_per_micro_batch']}) "
-                     f"= {memory:.2f}x", check(memory <= 0.6)])
-        key, unit = ("tokens_per_s", "tokens/s") if gpu else ("tokens_per_cpu_s", "tokens per CPU-second")
-        speed = ratio(ours[key], base[key])
-        rows.append([f"{strategy}: non-padding {unit} >= 1.3x baseline, both {meta['samples_per_update']} "
-                     "samples per optimizer step", f"{ours[key]:.1f} / {base[key]:.1f} = {speed:.2f}x",
-                     check(speed >= 1.3)])
+        if base:
+            memory = ratio(ours["peak_memory_per_sample_bytes"], base["peak_memory_per_sample_bytes"])
+            rows.append([f"{strategy}: peak training memory per sample <= 0.6x baseline",
+                         f"{gib(ours['peak_memory_per_sample_bytes']):.2f} GiB (batch {ours['samples_per_micro_batch']})"
+                         f" / {gib(base['peak_memory_per_sample_bytes']):.2f} GiB (batch "
+                         f"{base['samples_per_micro_batch']}) = {memory:.2f}x", check(memory <= 0.6)])
+            key, unit = ("tokens_per_s", "tokens/s") if gpu else ("tokens_per_cpu_s", "tokens per CPU-second")
+            speed = ratio(ours[key], base[key])
+            rows.append([f"{strategy}: non-padding {unit} >= 1.3x baseline, both {meta['samples_per_update']} "
+                         "samples per optimizer step", f"{ours[key]:.1f} / {base[key]:.1f} = {speed:.2f}x",
+                         check(speed >= 1.3)])
         if gpu:
             rows.append([f"{strategy}: MFU >= 45% (full fine-tuning, full size, H100)" if strategy == "full"
                          else f"{strategy}: MFU (reported)", f"{100 * ours['mfu']:.1f}%" if ours.get("mfu") else "n/a",
                          check(ours["mfu"] >= TARGET_MFU if ours.get("mfu") and strategy == "full" else None)])
-        base_gen, ours_gen = base.get("eval_generations_per_s"), ours.get("eval_generations_per_s")
+        # One at a time: the baseline's run, or (--short) the same run's model and prompts.
+        base_gen = base.get("eval_generations_per_s") if base else ours.get("eval_one_at_a_time_generations_per_s")
+        ours_gen = ours.get("eval_generations_per_s")
         if base_gen and ours_gen:
             x = ours_gen / base_gen
             rows.append([f"{strategy}: eval batched vs one at a time" + (" >= 5x" if gpu else " (reported on CPU; "
@@ -423,9 +464,21 @@ def main(argv=None):
             preprocess = json.loads(path.read_text())
 
     results = []
+    deadline = time.time() + SHORT["total_seconds"] if args.short else None
     for cfg in plan_runs(args):
         start = time.time()
-        result = run_config(cfg, out_dir, args.timeout)
+        timeout = args.timeout if deadline is None else int(min(args.timeout, deadline - start))
+        if timeout <= 0:
+            result = {**cfg, "error": f"not run: the {SHORT['total_seconds']} s of --short were spent"}
+        else:
+            result = run_config(cfg, out_dir, timeout)
+        # A short lease is not spent on finding a batch that fits: out of memory, try half the batch.
+        while args.short and result.get("error", "").startswith("out of memory") and (
+                smaller := smaller_batch(cfg, args)) and deadline - time.time() > 30:
+            print(f"[{time.time() - start:6.1f} s] {cfg['name']}: {result['error']}; again at batch "
+                  f"{smaller['batch_size']}", flush=True)
+            cfg = smaller
+            result = run_config(cfg, out_dir, int(min(args.timeout, deadline - time.time())))
         results.append(result)
         status = result["error"].strip().splitlines()[-1] if "error" in result else (
             f"{result['img_per_s']:.3f} img/s, peak {gib(result['peak_memory_bytes']):.2f} GiB")

@@ -9,6 +9,7 @@ allocator state and bitsandbytes patches from leaking between runs).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import resource
@@ -33,8 +34,8 @@ MODEL_SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, vision_hidden_size=32, vision_layers=2, vision_heads=2),
     "mid": dict(hidden_size=256, num_layers=4, num_heads=4, vision_hidden_size=128, vision_layers=3, vision_heads=2),
 }
-# Dense bf16 peak of the GPUs MFU knows about (H100/H200 SXM; an H100 PCIe peaks at 756).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peak of the GPUs MFU knows about, first match in this order (SXM unless named).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def model_config(size: str):
@@ -125,6 +126,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def mixed_precision(cfg: dict):
+    """bf16 autocast on a GPU, as the recipes' Trainer runs `--bf16`: the weights are already bf16 (full
+    fine-tuning), but peft keeps LoRA weights in fp32 and prepare_model_for_kbit_training upcasts the
+    QLoRA model's norms, embeddings and lm_head to fp32; autocast runs their matmuls in bf16 too."""
+    if cfg["device"] == "cuda" and cfg["dtype"] == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -144,10 +154,15 @@ def current_memory_bytes(device: str) -> int | None:
 
 def train(model, loader, cfg: dict, warmup_batches: int):
     """Timed micro-steps: stats, data wait, compute, process CPU seconds and data CPU seconds of the
-    measured ones, last loss."""
+    measured ones, last loss. With cfg["measure_seconds"], measuring stops at the first micro-step
+    that ends past that many seconds of measured time (a time box for short GPU leases)."""
     device = cfg["device"]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.0)
+    # torch's AdamW keeps its two states in the parameters' dtype (bf16 for full fine-tuning in bf16,
+    # what the recipes' Trainer does on one GPU without DeepSpeed); fused on a GPU, as the Trainer's
+    # default optimizer, which also avoids the foreach path's model-sized temporaries.
+    optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.0,
+                                  fused=device == "cuda")
     model.train()
     stats, data_s, compute_s, cpu_s, data_cpu_s = [], [], [], [], []
     pending = 0
@@ -158,15 +173,20 @@ def train(model, loader, cfg: dict, warmup_batches: int):
         fetched, fetched_cpu = time.perf_counter(), time.process_time()
         info = batch_stats(batch, cfg)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if cfg["full_vocab_loss"]:
-            loss = full_vocab_loss(model, batch)
-        else:
-            loss = model(**batch, num_items_in_batch=info["supervised"]).loss
+        with mixed_precision(cfg):
+            if cfg["full_vocab_loss"]:
+                loss = full_vocab_loss(model, batch)
+            else:
+                loss = model(**batch, num_items_in_batch=info["supervised"]).loss
         loss.backward()
         pending += len(info["lengths"])
+        synchronize(device)  # the time box below reads the clock
+        measured = sum(data_s) + sum(compute_s) + time.perf_counter() - start
+        last = step == len(loader) - 1 or bool(
+            step >= warmup_batches and cfg.get("measure_seconds") and measured >= cfg["measure_seconds"])
         # The optimizer steps every samples_per_update samples (gradient accumulation, as the
         # recipes do), and once at the end of the warm-up so its state exists before measuring.
-        if pending >= cfg["samples_per_update"] or step == warmup_batches - 1 or step == len(loader) - 1:
+        if pending >= cfg["samples_per_update"] or step == warmup_batches - 1 or last:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -179,13 +199,17 @@ def train(model, loader, cfg: dict, warmup_batches: int):
             compute_s.append(done - fetched)
             cpu_s.append(time.process_time() - start_cpu)
             data_cpu_s.append(fetched_cpu - start_cpu)
+        if last:
+            break
     return stats, data_s, compute_s, cpu_s, data_cpu_s, float(loss.detach())
 
 
 def generation_speed(model, processor, samples, cfg: dict) -> tuple[float, float]:
     """Greedy generation of max_new_tokens per eval prompt, batched left-padded or one at a time.
 
-    Returns generations per second (wall) and process CPU seconds per generation."""
+    Returns generations per second (wall) and process CPU seconds per generation. With
+    cfg["eval_seconds"], no further generate call starts once that many seconds have passed (the
+    rates count the prompts generated)."""
     model.eval()
     images = [[Image.open(io.BytesIO(data)) for data in s.images] for s in samples]
     prompts = [s.prompt for s in samples]
@@ -200,14 +224,18 @@ def generation_speed(model, processor, samples, cfg: dict) -> tuple[float, float
     n = cfg["max_new_tokens"]
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
                   eos_token_id=[32007, 32000], use_cache=True)
-    with torch.no_grad():
+    done = 0
+    with torch.no_grad(), mixed_precision(cfg):
         model.generate(**inputs[0], **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})  # warm-up
         synchronize(cfg["device"])
         start, start_cpu = time.perf_counter(), time.process_time()
         for x in inputs:
             model.generate(**x, **kwargs)
+            done += len(x["input_ids"])
+            if cfg.get("eval_seconds") and time.perf_counter() - start >= cfg["eval_seconds"]:
+                break
         synchronize(cfg["device"])
-    return len(samples) / (time.perf_counter() - start), (time.process_time() - start_cpu) / len(samples)
+    return done / (time.perf_counter() - start), (time.process_time() - start_cpu) / done
 
 
 def run(cfg: dict) -> dict:
@@ -296,6 +324,8 @@ def run(cfg: dict) -> dict:
         # What training adds to the loaded model (activations, gradients, optimizer state), per sample.
         "training_memory_per_sample_bytes": None if loaded_memory is None else (peak - loaded_memory) / per_micro_batch,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS (ru_maxrss)",
+        # What the caching allocator held at its peak: what nvidia-smi would show, fragmentation included.
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if device == "cuda" else None,
         "model_tflops_per_s": useful / seconds / 1e12,
         "useful_tflops_per_sample_full_arch": sum(
             full_arch.step_flops(strategy, **batch_counts(s, executed=False)) for s in stats) / n_samples / 1e12,
@@ -312,6 +342,10 @@ def run(cfg: dict) -> dict:
     if cfg["eval_samples"]:
         result["eval_generations_per_s"], result["eval_cpu_seconds_per_generation"] = generation_speed(
             model, processor, eval_samples, cfg)
+        if cfg.get("eval_one_at_a_time_too"):  # the speed-up of batching on the same model and prompts
+            one = {**cfg, "eval_batched": False}
+            result["eval_one_at_a_time_generations_per_s"], result["eval_one_at_a_time_cpu_seconds_per_generation"] = (
+                generation_speed(model, processor, eval_samples, one))
     return result
 
 

@@ -25,6 +25,43 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# The longest files first, as measured on 2 cores (a learning test trains for minutes; the crash and
+# distributed tests start several processes). `scripts/test.sh` runs pytest-xdist with --dist loadfile
+# --no-loadscope-reorder, which hands files out in collection order: left to itself xdist orders them by
+# their number of tests, so the long learning files, with 1-3 tests each, started last and one worker
+# ran them alone at the end. Test files named test_learning_* that are not listed come first of all.
+LONGEST_FILES_FIRST = [
+    "test_learning_own_data.py",
+    "test_learning_memes_nlvr2.py",
+    "test_learning_ucf101.py",
+    "test_learning_docvqa.py",
+    "test_crash_resume.py",
+    "test_distributed.py",
+    "test_use_finetuned.py",
+    "test_hateful_memes.py",
+    "test_nlvr2.py",
+    "test_preflight_ucf101.py",
+    "test_preflight_hateful_memes.py",
+    "test_preflight_nlvr2.py",
+    "test_preflight_docvqa.py",
+    "test_ucf101.py",
+    "test_docvqa.py",
+    "test_bench.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+
+    def order(item):
+        name = item.path.name
+        if name in rank:
+            return rank[name]
+        return -1 if name.startswith("test_learning_") else len(rank)
+
+    items.sort(key=order)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread in this process for a module that trains in-process: the tiny model's ops are
@@ -86,6 +123,62 @@ def run_script():
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-8000:]}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def run_main(capfd):
+    """Run a top-level script's main(argv) in this process, one torch thread; returns a CompletedProcess
+    (what it printed to stdout and stderr in .stdout, SystemExit's code in .returncode).
+
+    For runs whose process boundary is not what the test checks (no DeepSpeed, torchrun, exit status of a
+    crash or kill): it saves the ~5 CPU-seconds a subprocess spends importing torch, transformers and the
+    script, many times over in the suite.
+    """
+    import importlib.util
+    import logging
+    import warnings
+
+    import torch
+
+    def run(script: str, *args, check=True):
+        argv = [str(a) for a in args]
+        spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        capfd.readouterr()
+        code = 0
+        # Library log handlers (transformers', datasets', ...) keep the sys.stderr of the moment they were
+        # made, maybe an earlier test's closed capture: for this run they write to stderr, as in a fresh process.
+        handlers = [h for logger in [logging.root, *logging.root.manager.loggerDict.values()]
+                    for h in getattr(logger, "handlers", []) if type(h) is logging.StreamHandler]
+        saved = [(h.stream, h.__dict__.get("flush")) for h in handlers]
+        for handler in handlers:
+            handler.stream = sys.stderr  # not setStream: it would flush the old, maybe closed, stream
+            if "flush" in handler.__dict__:  # transformers binds its handler's flush to that sys.stderr too
+                handler.flush = sys.stderr.flush
+        # Warnings as a fresh process prints them to stderr (pytest would otherwise collect them).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                module.main(argv)
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+                for handler, (stream, flush) in zip(handlers, saved):
+                    handler.stream = stream
+                    if flush is not None:
+                        handler.flush = flush
+                out, err = capfd.readouterr()
+        err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        proc = subprocess.CompletedProcess([script, *argv], code, out + err)
+        if check and code != 0:
+            raise AssertionError(f"{script} {' '.join(argv)} exited {code}:\n{proc.stdout[-8000:]}")
         return proc
 
     return run

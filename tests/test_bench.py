@@ -57,6 +57,50 @@ def test_quick_cpu_run_writes_positive_measurements(tmp_path):
     assert "| status |" in proc.stdout and "not measured" in proc.stdout  # GPU targets named, not faked
 
 
+def test_short_gpu_mode_at_tiny_size_on_cpu(tmp_path, monkeypatch, one_thread):
+    """`--short`, the run sized for a few minutes of a lent GPU: `ours` for full, LoRA and QLoRA, time-boxed
+    measuring, batched and one-at-a-time generation on the same model, half the batch after running out of
+    memory. Workers run in this process (the process boundary is not what is tested here)."""
+    import importlib
+
+    import bench.run
+
+    def in_process(module, argv, log, timeout):
+        importlib.import_module(module).main(argv)
+        return 0
+
+    configs = []
+
+    def out_of_memory_once(cfg, out_dir, timeout):
+        configs.append(cfg)
+        if len(configs) == 1:
+            return {**cfg, "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"}
+        return run_config(cfg, out_dir, timeout)
+
+    run_config = bench.run.run_config
+    monkeypatch.setattr(bench.run, "run_in_subprocess", in_process)
+    monkeypatch.setattr(bench.run, "run_config", out_of_memory_once)
+    monkeypatch.setitem(bench.run.SHORT, "measure_seconds", 1e-9)  # stop at the first measured micro-step
+    out = tmp_path / "bench"
+    assert bench.run.main(["--short", "--quick", "--device", "cpu", "--steps", "3", "--output_dir", str(out)]) == 0
+    assert [(c["strategy"], c["batch_size"]) for c in configs] == [("full", 2), ("full", 1), ("lora", 2), ("qlora", 2)]
+    results = json.loads((out / "results.json").read_text())
+    assert results["preprocess"] is None
+    runs = {r["strategy"]: r for r in results["runs"]}
+    assert list(runs) == ["full", "lora", "qlora"]
+    for run in runs.values():
+        assert (run["label"], run["attn"], run["model_size"], run["num_crops"]) == ("ours", "sdpa", "tiny", 2)
+        assert run["micro_steps"] == 1 < 3  # the time box, not the planned steps, ended measuring
+        for key in ("img_per_s", "tokens_per_s", "model_tflops_per_s", "peak_memory_bytes"):
+            assert run[key] > 0, key
+    assert runs["full"]["batch_size"] == 1 and runs["lora"]["batch_size"] == 2
+    assert runs["full"]["eval_generations_per_s"] > 0 and runs["full"]["eval_one_at_a_time_generations_per_s"] > 0
+    assert "eval_generations_per_s" not in runs["lora"]  # evaluation once, in the first strategy's run
+    statuses = {target: status for target, _, status in results["targets"]}
+    assert statuses["full: eval batched vs one at a time (reported on CPU; the 5x target is for a GPU)"] == "reported"
+    assert statuses["GPU targets (MFU >= 45%, batched eval >= 5x)"] == "not measured"
+
+
 def test_targets_fail_when_ours_is_not_better():
     """A run where ours uses as much memory per sample and is slower must FAIL both targets."""
     from bench.run import targets

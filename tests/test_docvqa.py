@@ -252,7 +252,7 @@ def test_argument_validation(capsys):
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
+def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_main):
     """LoRA with CLIP targets: 2 steps with a checkpoint, resumed to 4 with --merge_lora."""
     m = load_script()
     out = tmp_path / "lora"
@@ -260,7 +260,7 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
         "--use_lora", "--batch_size", 2, "--batch_size_per_gpu", 1, "--num_crops", 2, "--max_length", 400,
         "--eval_batch_size", 2, "--learning_rate", 5e-3, "--save_steps", 2, "--skip_invalid",
     ]
-    first = run_script(SCRIPT, *args, "--max_steps", 2, env=ONE_THREAD)
+    first = run_main(SCRIPT, *args, "--max_steps", 2)
     assert "preflight: 6 training and 4 evaluation rows valid" in first.stdout
     skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert [s["where"] for s in skipped] == ["train row 6 (id q6)", "train row 7 (id q7)"]
@@ -273,10 +273,10 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     # A kill while saving leaves an incomplete newest checkpoint: 'latest' must skip it.
     (out / "checkpoint-3").mkdir()
     # The first run finished (eval_after.json, adapter): continuing it in place needs --overwrite_output_dir.
-    refused = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", check=False)
+    refused = run_main(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", check=False)
     assert refused.returncode == 2 and "already holds a finished run" in refused.stdout
-    second = run_script(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--merge_lora",
-                        "--overwrite_output_dir", env=ONE_THREAD)
+    second = run_main(SCRIPT, *args, "--max_steps", 4, "--resume_from_checkpoint", "latest", "--merge_lora",
+                      "--overwrite_output_dir")
     assert f"resuming from {out / 'checkpoint-2'}" in second.stdout
     assert "checkpoint-3 is incomplete" in second.stdout
     assert (out / "checkpoint-4").is_dir()
@@ -317,16 +317,15 @@ def test_lora_resume_merge(tiny_model_dir, data, tmp_path, run_script):
     assert (merged_logits - logits_of(base, inputs)).abs().max() > 1e-3
 
 
-def test_packing_same_losses(tiny_model_dir, data, tmp_path, run_script):
+def test_packing_same_losses(tiny_model_dir, data, tmp_path, run_main):
     """--packing (each micro-batch of 2 pages of different lengths in one padding-free row) gives the
     losses and gradient norms of padded batches, step after step, and counts the same tokens."""
     logs = {}
     for mode in ("padded", "packed"):
         out = tmp_path / mode
-        run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--deepspeed", "none", "--num_crops", 2,
-                   "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 3, "--learning_rate", 1e-3,
-                   "--max_eval_samples", 1, "--max_new_tokens", 1, *(["--packing"] if mode == "packed" else []),
-                   env=ONE_THREAD)
+        run_main(SCRIPT, *common_args(tiny_model_dir, data, out), "--deepspeed", "none", "--num_crops", 2,
+                 "--batch_size", 2, "--batch_size_per_gpu", 2, "--max_steps", 3, "--learning_rate", 1e-3,
+                 "--max_eval_samples", 1, "--max_new_tokens", 1, *(["--packing"] if mode == "packed" else []))
         logs[mode] = [e for e in read_json(out / "log_history.json") if "loss" in e]
     assert len(logs["packed"]) == len(logs["padded"]) == 3
     for packed, padded in zip(logs["packed"], logs["padded"]):
@@ -373,13 +372,13 @@ def test_group_by_length_sampler(tiny_model_dir, data, tmp_path, monkeypatch, gr
     assert all(order[i] >= order[i + 1] for i in range(0, len(order), 2))
 
 
-def test_qlora(tiny_model_dir, data, tmp_path, run_script):
+def test_qlora(tiny_model_dir, data, tmp_path, run_main):
     """4-bit base + LoRA on CPU, micro-batches of 2; merged into a full-precision reload of the base."""
     m = load_script()
     out = tmp_path / "qlora"
-    proc = run_script(SCRIPT, *common_args(tiny_model_dir, data, out), "--use_qlora", "--batch_size", 2,
-                      "--batch_size_per_gpu", 2, "--num_crops", 1, "--max_steps", 2, "--learning_rate", 5e-3,
-                      "--merge_lora", env=ONE_THREAD)
+    proc = run_main(SCRIPT, *common_args(tiny_model_dir, data, out), "--use_qlora", "--batch_size", 2,
+                    "--batch_size_per_gpu", 2, "--num_crops", 1, "--max_steps", 2, "--learning_rate", 5e-3,
+                    "--merge_lora")
     layers = int(proc.stdout.split("4-bit layers: ")[1].split()[0])
     assert layers > 0
     assert (out / "adapter_model.safetensors").exists()

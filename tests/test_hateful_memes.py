@@ -30,8 +30,6 @@ SCRIPT = "finetune_hf_trainer_hateful_memes.py"
 SIZES = [(64, 48), (48, 64), (80, 40)]  # different image token counts at num_crops 2
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 ANSWERS = ["No", "Yes", "No", "Yes"]  # the 4 eval rows: both classes, so the AUROC is defined
-# One OpenMP thread per process: with other jobs on the machine, 2 spinning threads are far slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def make_rows(n=12, seed=0):
@@ -308,7 +306,7 @@ def test_full_finetune_deepspeed_two_processes(script, run_script, tiny_model_di
         [after["scores"][0], after["scores"][3]], abs=1e-4)
 
 
-def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, memes_dir, tmp_path):
+def test_lora_checkpoints_resume_batch2(script, run_main, tiny_model_dir, memes_dir, tmp_path):
     import phi3v  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -316,7 +314,7 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
             "--save_steps", 2, "--max_steps", 4]
     # Run A: 4 steps straight, checkpoints at 2 and 4; batches of 2 rows of different lengths.
     out_a = tmp_path / "a"
-    run_script(SCRIPT, *common_args(tiny_model_dir, memes_dir, out_a, *lora), env=ONE_THREAD)
+    run_main(SCRIPT, *common_args(tiny_model_dir, memes_dir, out_a, *lora))
     for step in (2, 4):
         checkpoint = out_a / f"checkpoint-{step}"
         for name in ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]:
@@ -343,7 +341,7 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
     shutil.copytree(out_a / "checkpoint-2", out_b / "checkpoint-2")
     shutil.copy(out_a / "eval_before.json", out_b / "eval_before.json")
     resume = ["--resume_from_checkpoint", "latest", "--eval_steps", 2, "--max_eval_loss_samples", 2, "--merge_lora"]
-    proc = run_script(SCRIPT, *common_args(tiny_model_dir, memes_dir, out_b, *lora, *resume), env=ONE_THREAD)
+    proc = run_main(SCRIPT, *common_args(tiny_model_dir, memes_dir, out_b, *lora, *resume))
     assert f"resuming from {out_b / 'checkpoint-2'}" in proc.stdout
     assert "keeping the existing eval_before.json" in proc.stdout
     assert read_json(out_b / "checkpoint-4" / "trainer_state.json")["global_step"] == 4
@@ -368,14 +366,13 @@ def test_lora_checkpoints_resume_batch2(script, run_script, tiny_model_dir, meme
     assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])
 
 
-def test_packing_gives_the_same_losses(run_script, tiny_model_dir, memes_dir, tmp_path):
+def test_packing_gives_the_same_losses(run_main, tiny_model_dir, memes_dir, tmp_path):
     """--packing (3 samples of different lengths in one padding-free row) trains exactly as padded batches."""
     args = ["--use_lora", "--lora_rank", 4, "--batch_size", 3, "--batch_size_per_gpu", 3, "--num_crops", 2,
             "--max_steps", 2, "--max_eval_samples", 0]
     histories = {}
     for name, extra in (("padded", []), ("packed", ["--packing"])):
-        proc = run_script(SCRIPT, *common_args(tiny_model_dir, memes_dir, tmp_path / name, *args, *extra),
-                          env=ONE_THREAD)
+        proc = run_main(SCRIPT, *common_args(tiny_model_dir, memes_dir, tmp_path / name, *args, *extra))
         assert f"3 samples per micro-batch, {name}" in proc.stdout
         histories[name] = read_json(tmp_path / name / "log_history.json")
     padded, packed = (loss_entries(histories[n]) for n in ("padded", "packed"))

@@ -268,15 +268,15 @@ def test_plain_python_deepspeed_trains_vision(tiny_model_dir, nlvr2_dir, run_scr
     assert any(not torch.equal(initial[k], trained[k]) for k in vision)
 
 
-def test_lora_parquet_eval_loss_checkpoint_merge(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+def test_lora_parquet_eval_loss_checkpoint_merge(tiny_model_dir, nlvr2_dir, run_main, tmp_path):
     """LoRA (no DeepSpeed) from a parquet copy, with held-out loss, a checkpoint and --merge_lora."""
     import phi3v  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
     args = common_args(tiny_model_dir, nlvr2_dir.with_suffix(".parquet"), out)
-    proc = run_script(SCRIPT, *args, "--use_lora", "--lora_rank", 4, "--max_steps", 2, "--save_steps", 2,
-                      "--eval_steps", 1, "--max_eval_loss_samples", 1, "--max_eval_samples", 1, "--merge_lora")
+    proc = run_main(SCRIPT, *args, "--use_lora", "--lora_rank", 4, "--max_steps", 2, "--save_steps", 2,
+                    "--eval_steps", 1, "--max_eval_loss_samples", 1, "--max_eval_samples", 1, "--merge_lora")
     assert "setup: LoRA | single process | world size 1 x micro batch 1 x accumulation 2" in proc.stdout
     check_eval_files(out, 1)
     assert len(train_losses(out)) == 2
@@ -297,14 +297,14 @@ def test_lora_parquet_eval_loss_checkpoint_merge(tiny_model_dir, nlvr2_dir, run_
     assert torch.equal(initial["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
 
 
-def test_packing_trains_like_padded_batches(tiny_model_dir, nlvr2_dir, run_script, tmp_path):
+def test_packing_trains_like_padded_batches(tiny_model_dir, nlvr2_dir, run_main, tmp_path):
     """--packing: each micro batch is one padding-free row; same data, seed and steps give the same losses."""
     runs = {}
     for name, extra in (("padded", []), ("packed", ["--packing"])):
         out = tmp_path / name
         args = common_args(tiny_model_dir, nlvr2_dir, out)
-        proc = run_script(SCRIPT, *args, "--eval_size", 0, "--deepspeed", "none", "--batch_size", 4,
-                          "--batch_size_per_gpu", 2, "--max_steps", 2, *extra, env={"OMP_NUM_THREADS": "1"})
+        proc = run_main(SCRIPT, *args, "--eval_size", 0, "--deepspeed", "none", "--batch_size", 4,
+                        "--batch_size_per_gpu", 2, "--max_steps", 2, *extra)
         expected = "packed rows" if extra else "padded batches"
         assert f"micro batch 2 x accumulation 2 = batch 4 | fp32 | vision trained | {expected}" in proc.stdout
         runs[name] = train_losses(out)

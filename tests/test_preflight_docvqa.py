@@ -235,7 +235,7 @@ def test_all_defects_in_one_report(tiny_model_dir, tmp_path, run_script):
     assert not (out / "log_history.json").exists() and not (out / "eval_before.json").exists()
 
 
-def test_unusual_pages_train_and_skip_invalid(tiny_model_dir, tmp_path, run_script):
+def test_unusual_pages_train_and_skip_invalid(tiny_model_dir, tmp_path, run_main):
     """Unusual but valid pages pass the preflight, train and are evaluated; --skip_invalid drops exactly the
     bad rows, lists them in skipped_rows.jsonl and trains on the rest."""
     pages = [image.data for image in unusual_images().values()]
@@ -246,9 +246,8 @@ def test_unusual_pages_train_and_skip_invalid(tiny_model_dir, tmp_path, run_scri
     test = [mini_row(i, "test", image={"bytes": data, "path": None}) for i, data in enumerate(pages)]
     data = write_data(tmp_path, train=train, test=test)
     out = tmp_path / "out"
-    proc = run_script(SCRIPT, *base_args(tiny_model_dir, data, out), "--skip_invalid", "--batch_size", n,
-                      "--batch_size_per_gpu", n, "--max_steps", 1, "--logging_steps", 1, "--eval_batch_size", n,
-                      env=ONE_THREAD)
+    proc = run_main(SCRIPT, *base_args(tiny_model_dir, data, out), "--skip_invalid", "--batch_size", n,
+                    "--batch_size_per_gpu", n, "--max_steps", 1, "--logging_steps", 1, "--eval_batch_size", n)
     assert f"preflight: {n} training and {n} evaluation rows valid" in proc.stdout
     skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert skipped == [{"where": "train row 4 (id tr4)", "reason": "image is missing (null)"},

@@ -282,7 +282,7 @@ def test_unusual_images_lengths_match_collator(script, tiny_model_dir):
     assert rotated["image_sizes"].tolist() == [[672, 336]]  # (height, width) of the HD canvas
 
 
-def test_skip_invalid_trains_on_the_rest(run_script, tiny_model_dir, tmp_path):
+def test_skip_invalid_trains_on_the_rest(run_main, tiny_model_dir, tmp_path):
     """--skip_invalid: the bad rows (train and held-out) are listed and dropped, the unusual-but-valid
     images all pass the preflight and are trained on in one batch."""
     rows = [good_row(0), {**good_row(1), **texts(user="")}]  # held out: row 1 is bad
@@ -292,10 +292,9 @@ def test_skip_invalid_trains_on_the_rest(run_script, tiny_model_dir, tmp_path):
     data = save_rows(rows, tmp_path / "data")
     out = tmp_path / "out"
     n = len(unusual_images())
-    proc = run_script(SCRIPT, *preflight_args(tiny_model_dir, data, out, "--skip_invalid", "--max_length", 600,
-                                              "--batch_size", n, "--batch_size_per_gpu", n, "--logging_steps", 1,
-                                              "--max_new_tokens", 2),
-                      env=ONE_THREAD)
+    proc = run_main(SCRIPT, *preflight_args(tiny_model_dir, data, out, "--skip_invalid", "--max_length", 600,
+                                            "--batch_size", n, "--batch_size_per_gpu", n, "--logging_steps", 1,
+                                            "--max_new_tokens", 2))
     skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
     assert [(s["where"], s["reason"].split(":")[0]) for s in skipped] == [
         ("row 1 (eval)", "empty or missing user text (texts[0]['user'])"),

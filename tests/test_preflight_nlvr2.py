@@ -278,7 +278,7 @@ def test_unreadable_dataset_stops_before_training(tiny_model_dir, run_script, tm
     assert message in proc.stdout
 
 
-def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run_script, tmp_path):
+def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run_main, tmp_path):
     """--skip_invalid: bad rows (eval and train) are listed in skipped_rows.jsonl and left out; the unusual
     but valid images pass the preflight and go through the collator and generation (one step sees all)."""
     unusual = unusual_images()
@@ -304,9 +304,9 @@ def test_skip_invalid_trains_on_the_rest_with_unusual_images(tiny_model_dir, run
 
     out = tmp_path / "out"
     n = len(valid_train)
-    proc = run_script(SCRIPT, *run_args(tiny_model_dir, data, out, "--skip_invalid", "--max_steps", 1,
-                                        "--batch_size", n, "--batch_size_per_gpu", n, "--max_new_tokens", 2,
-                                        "--logging_steps", 1, "--learning_rate", 1e-3))
+    proc = run_main(SCRIPT, *run_args(tiny_model_dir, data, out, "--skip_invalid", "--max_steps", 1,
+                                      "--batch_size", n, "--batch_size_per_gpu", n, "--max_new_tokens", 2,
+                                      "--logging_steps", 1, "--learning_rate", 1e-3))
     assert "Traceback" not in proc.stdout
     assert "5 invalid row(s) in the NLVR2 data" in proc.stdout and "--skip_invalid: training without them" in proc.stdout
     assert f"data: {n} training rows, 1 held-out rows (5 invalid rows skipped)" in proc.stdout

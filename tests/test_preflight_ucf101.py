@@ -200,7 +200,7 @@ def unusual_frames(root: Path) -> list[str]:
     return [f"train/Archery/{name}" for name in unusual_images()]
 
 
-def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
+def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_main):
     root = tmp_path / "ucf101"
     train, val = good_dataset(root, num_train=1, num_val=1)
     rels = unusual_frames(root)
@@ -210,7 +210,7 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     train.append({"id": "train-0000000005", "conversations": conversations})
     write_dataset(root, train, val)
     output_dir = tmp_path / "out"
-    proc = run_script(SCRIPT, *run_args(tiny_model_dir, root, output_dir))
+    proc = run_main(SCRIPT, *run_args(tiny_model_dir, root, output_dir))
     assert "preflight: 2 train, 1 val samples valid" in proc.stdout
     history = json.loads((output_dir / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1]
@@ -221,7 +221,7 @@ def test_unusual_frames_pass_and_train(tiny_model_dir, tmp_path, run_script):
     assert sizes == [image.size for image in unusual_images().values()]
 
 
-def test_skip_invalid(tiny_model_dir, tmp_path, run_script):
+def test_skip_invalid(tiny_model_dir, tmp_path, run_main):
     """--skip_invalid: trains on the good lines and lists exactly the bad ones (all of them, one report)."""
     root = tmp_path / "ucf101"
     train, val = good_dataset(root, num_train=5, num_val=2)
@@ -230,7 +230,7 @@ def test_skip_invalid(tiny_model_dir, tmp_path, run_script):
     turn(val[1])["user"] = ""  # val line 2
     write_dataset(root, train, val)
     output_dir = tmp_path / "out"
-    proc = run_script(SCRIPT, *run_args(tiny_model_dir, root, output_dir, "--skip_invalid"))
+    proc = run_main(SCRIPT, *run_args(tiny_model_dir, root, output_dir, "--skip_invalid"))
     assert "3 invalid row(s)" in proc.stdout and "--skip_invalid: training without them" in proc.stdout
     skipped = [json.loads(line) for line in (output_dir / "skipped_rows.jsonl").read_text().splitlines()]
     assert [s["where"] for s in skipped] == [

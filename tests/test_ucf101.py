@@ -285,12 +285,12 @@ def test_full_finetune(tiny_model_dir, data_dir, tmp_path, run_script):
     assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.logits).all()
 
 
-def test_lora_frozen_vision(tiny_model_dir, data_dir, tmp_path, run_script):
+def test_lora_frozen_vision(tiny_model_dir, data_dir, tmp_path, run_main):
     """LoRA on the language model only; the merged model proves nothing else changed."""
     from safetensors.torch import load_file
 
     output_dir = tmp_path / "out"
-    run_script(
+    run_main(
         SCRIPT, *common_args(tiny_model_dir, data_dir, output_dir),
         "--max_steps", 1, "--batch_size", 2, "--batch_size_per_gpu", 1, "--max_eval_samples", 1,
         "--use_lora", "--lora_rank", 4, "--lora_alpha_ratio", 2, "--freeze_vision_model", "--merge_lora",
@@ -393,7 +393,7 @@ def test_flash_attention_checks(data_dir, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_packing_same_losses(tiny_model_dir, data_dir, tmp_path, run_script):
+def test_packing_same_losses(tiny_model_dir, data_dir, tmp_path, run_main):
     """Packed micro-batches (one row, no padding) train exactly like padded ones: same losses.
 
     Micro-batches of 2 clips, one of them with a second, text-only turn: the padded rows differ in
@@ -401,7 +401,7 @@ def test_packing_same_losses(tiny_model_dir, data_dir, tmp_path, run_script):
     histories = []
     for packing in ([], ["--packing"]):
         output_dir = tmp_path / f"out{len(packing)}"
-        run_script(
+        run_main(
             SCRIPT, *common_args(tiny_model_dir, data_dir, output_dir), "--max_eval_samples", 0,
             "--max_steps", 2, "--batch_size", 2, "--batch_size_per_gpu", 2, "--learning_rate", "1e-3",
             "--deepspeed", "none", *packing,

@@ -1,6 +1,6 @@
 """Synthetic preference sets in the layout of `finetune_hf_trainer_dpo.py`, for its tests.
 
-Each image is one coloured shape on a white background (with a little noise: no two files are the same);
+Each image is one coloured shape on a grey background (with a little noise: no two files are the same);
 the prompt is always "What colour is the shape?"; the chosen answer names the shape's colour, the rejected
 one another colour. Only the pixels tell which answer is right.
 
@@ -30,7 +30,7 @@ def answer(colour: str) -> str:
 
 def shape_image(path: Path, colour: str, shape: str, rng: random.Random, size=(48, 40)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size, "white")
+    image = Image.new("RGB", size, (128, 128, 128))
     draw = ImageDraw.Draw(image)
     w, h = size
     box = (rng.randint(2, 10), rng.randint(2, 8), w - rng.randint(2, 10), h - rng.randint(2, 8))
@@ -59,15 +59,16 @@ def write_jsonl(path: Path, lines: list) -> Path:
 
 
 def shape_preferences(root: Path, num_train: int, val_repeats: int = 1, seed: int = 0) -> tuple[list, list]:
-    """Writes root/pref_train.jsonl (random colour pairs), root/pref_val.jsonl (every ordered pair of colours
-    `val_repeats` times: balanced) and root/images/; returns the (train, val) records."""
+    """Writes root/pref_train.jsonl (the ordered pairs of colours in turn, in a shuffled order: each colour is
+    chosen equally often), root/pref_val.jsonl (every ordered pair `val_repeats` times: balanced) and
+    root/images/; returns the (train, val) records."""
     rng = random.Random(seed)
     names = sorted(COLOURS)
-    train = []
-    for i in range(num_train):
-        colour, other = rng.sample(names, 2)
-        train.append(preference_line(root, "train", i, colour, other, rng))
-    pairs = list(itertools.permutations(names, 2)) * val_repeats
+    pairs = list(itertools.permutations(names, 2))
+    train_pairs = [pairs[i % len(pairs)] for i in range(num_train)]
+    rng.shuffle(train_pairs)
+    train = [preference_line(root, "train", i, colour, other, rng) for i, (colour, other) in enumerate(train_pairs)]
+    pairs = pairs * val_repeats
     val = [preference_line(root, "val", i, colour, other, rng) for i, (colour, other) in enumerate(pairs)]
     write_jsonl(root / "pref_train.jsonl", train)
     write_jsonl(root / "pref_val.jsonl", val)

@@ -30,6 +30,8 @@ Differences from the official remote code, none of which changes a number:
   when the Trainer passes it, i.e. per token across gradient accumulation. `logits` is then None.
 * A training step on a batch without images still touches the vision tower (x0), so distributed
   runs where only some ranks see images do not hang; under DeepSpeed ZeRO-3 every forward does.
+* Under non-reentrant gradient checkpointing the sdpa kernels' outputs are kept, so the backward
+  pass does not recompute attention (`attention_outputs_kept`); the gradients are bit-identical.
 * Padding-free packing (`phi3v.pack_examples`): several samples in one row, `position_ids`
   restarting at each sample, `cu_seq_lens_q/k` at the boundaries and no `attention_mask`.
   flash_attention_2 runs its varlen kernel; sdpa runs each sample's own causal attention

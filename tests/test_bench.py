@@ -283,3 +283,19 @@ def test_vs_official_same_losses_and_gradients_as_the_official_code(tmp_path):
     assert result["numerics"]["same_inputs"]
     assert result["numerics"]["max_rel_loss_diff"] <= 1e-6 and result["numerics"]["max_rel_grad_norm_diff"] <= 1e-6
     assert "EQUAL" in result["markdown"]
+
+
+def test_vs_official_gradient_norms_sum_in_slices_like_whole_tensors(monkeypatch):
+    """The side's float64 norms go slice by slice (so the check does not set the peak memory it
+    reports); they equal the norms of whole float64 copies."""
+    from bench import vs_official_side
+
+    monkeypatch.setattr(vs_official_side, "NORM_SLICE", 7)  # several slices, one partial
+    model = torch.nn.ModuleDict({"lm_head": torch.nn.Linear(5, 9), "other": torch.nn.Linear(3, 2)})
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    norms = vs_official_side.gradient_norms(model)
+    expected = model["lm_head"].weight.grad.double().pow(2).sum() + model["lm_head"].bias.grad.double().pow(2).sum()
+    assert norms["lm_head"] == pytest.approx(float(expected) ** 0.5, rel=1e-12)
+    everything = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())
+    assert norms["total"] == pytest.approx(everything**0.5, rel=1e-12)

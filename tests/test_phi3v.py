@@ -471,3 +471,33 @@ def test_checkpointed_training_encodes_crops_in_small_batches_with_the_same_grad
     assert grads_chunked.keys() == grads_one.keys()
     for name, grad in grads_one.items():
         torch.testing.assert_close(grads_chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpointing_keeps_attention_outputs_with_the_same_gradients(tiny_model_dir, processor, monkeypatch):
+    """Non-reentrant gradient checkpointing gets a selective policy that keeps the sdpa kernels' outputs
+    (decoder and CLIP layers alike) instead of recomputing them; the loss and every gradient are
+    bit-identical to plain checkpointing, which recomputes the kernel too."""
+    from phi3v import modeling_phi3_v
+
+    inputs = one_example(processor)
+    results = []
+    for kept in (True, False):
+        if not kept:
+            monkeypatch.setattr(modeling_phi3_v, "KEPT_UNDER_CHECKPOINTING", ())
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        layers = [*model.model.layers, *model.model.vision_embed_tokens.vision_tower.encoder.layers]
+        policies = {"context_fn" in layer._gradient_checkpointing_func.keywords for layer in layers}
+        assert policies == {kept}
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_kept, grads_kept), (loss_plain, grads_plain) = results
+    assert torch.equal(loss_kept, loss_plain)
+    assert grads_kept.keys() == grads_plain.keys()
+    for name, grad in grads_plain.items():
+        assert torch.equal(grads_kept[name], grad), name
+
+    reentrant = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reentrant.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert "context_fn" not in reentrant.model.layers[0]._gradient_checkpointing_func.keywords

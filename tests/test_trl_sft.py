@@ -92,7 +92,9 @@ def load(tiny_model_dir):
     return model, processor
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Seed 0 in the suite (its time budget); seeds 1 and 2 gave the figures in the module docstring when run
+# by editing this list.
+@pytest.mark.parametrize("seed", [0])
 def test_sft_trainer_learns_the_answer(tiny_model_dir, tmp_path, one_thread, seed):
     from trl import SFTTrainer
 

@@ -747,19 +747,29 @@ class Phi3VProcessor(ProcessorMixin):
             attention_mask.append([0] * fill + mask if left else mask + [0] * fill)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
+    @staticmethod
+    def _text_ids(sequences) -> list[list[int]]:
+        """Rows of token ids without the image positions (negative ids, which the tokenizer cannot
+        decode), so that a whole generated sequence, prompt included, decodes to its text."""
+        if torch.is_tensor(sequences) or isinstance(sequences, np.ndarray):
+            sequences = sequences.tolist()
+        return [[i for i in row if i >= 0] for row in sequences]
 
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
+    def batch_decode(self, sequences, *args, **kwargs):
+        return self.tokenizer.batch_decode(self._text_ids(sequences), *args, **kwargs)
+
+    def decode(self, token_ids, *args, **kwargs):
+        if torch.is_tensor(token_ids) or isinstance(token_ids, np.ndarray):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        return self.tokenizer.decode(self._text_ids([token_ids])[0], *args, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Text of generated sequences that still hold the prompt (the image-text-to-text pipeline
-        decodes those): image positions are negative ids, which the tokenizer cannot decode, so they
-        are left out."""
+        decodes those), image positions left out."""
         sequences = torch.as_tensor(generated_outputs)
-        rows = [[i for i in row if i >= 0] for row in sequences.reshape(-1, sequences.shape[-1]).tolist()]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
+        texts = self.batch_decode(sequences.reshape(-1, sequences.shape[-1]), skip_special_tokens=skip_special_tokens, **kwargs)
         return texts if sequences.dim() > 1 else texts[0]
 
     @property

@@ -102,6 +102,19 @@ def test_auto_model_for_image_text_to_text_loads_phi3v(tiny_model_dir, model, on
                                    rtol=0, atol=0)
 
 
+def test_decoding_a_whole_generated_sequence_skips_the_image_positions(model, processor, one_image):
+    # generate() returns the prompt too, image positions (negative ids) included: decode and batch_decode
+    # give the prompt's text and the answer, as they do for a text-only model.
+    sequence = greedy(model, one_image)
+    text_ids = [i for i in sequence[0].tolist() if i >= 0]
+    assert len(text_ids) < sequence.shape[1]  # the prompt holds image positions
+    expected = processor.tokenizer.decode(text_ids, skip_special_tokens=True)
+    assert processor.batch_decode(sequence, skip_special_tokens=True) == [expected]
+    assert processor.decode(sequence[0], skip_special_tokens=True) == expected
+    assert processor.decode(sequence[0].tolist(), skip_special_tokens=True) == expected
+    assert "What is shown?" in expected  # the prompt's text, around where its image stood
+
+
 @pytest.fixture(scope="module")
 def image_pipeline(tiny_model_dir):
     return pipeline("image-text-to-text", model=str(tiny_model_dir))

@@ -168,6 +168,8 @@ def run_main(capfd):
                 module.main(argv)
             except SystemExit as exit:
                 code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+                if exit.code is not None and not isinstance(exit.code, int):
+                    print(exit.code, file=sys.stderr)  # as the interpreter prints sys.exit("message")
             finally:
                 torch.set_num_threads(threads)
                 for handler, (stream, flush) in zip(handlers, saved):

@@ -122,7 +122,7 @@ def test_convert_folder(video_root, tmp_path, run_script):
 
 
 @pytest.mark.parametrize("kind", ["tar.gz with top folder", "zip without top folder"])
-def test_convert_archive(kind, video_root, tmp_path, run_script):
+def test_convert_archive(kind, video_root, tmp_path, run_main):
     if kind.startswith("tar.gz"):
         archive = tmp_path / "UCF101_subset.tar.gz"
         with tarfile.open(archive, "w:gz") as tf:
@@ -133,7 +133,7 @@ def test_convert_archive(kind, video_root, tmp_path, run_script):
             for path in sorted(video_root.rglob("*")):
                 zf.write(path, path.relative_to(video_root).as_posix())
     out_dir = tmp_path / "out"
-    run_script("convert_ucf101.py", "--src", archive, "--out_dir", out_dir, "--no-tqdm")
+    run_main("convert_ucf101.py", "--src", archive, "--out_dir", out_dir, "--no-tqdm")
     check_output(out_dir)
 
 
@@ -213,11 +213,11 @@ def with_bad_videos(video_root: Path, root: Path, cases) -> list[Path]:
 
 
 @pytest.mark.parametrize("case", BAD_VIDEOS, ids=[case[0] for case in BAD_VIDEOS])
-def test_invalid_video(case, video_root, tmp_path, run_script):
+def test_invalid_video(case, video_root, tmp_path, run_main):
     """Each kind of unusable video: its path and reason, exit status 1, nothing written, no traceback."""
     (bad,) = with_bad_videos(video_root, tmp_path / "videos", [case])
     out_dir = tmp_path / "out"
-    proc = run_script("convert_ucf101.py", "--src", tmp_path / "videos", "--out_dir", out_dir, "--min_frames", 4,
+    proc = run_main("convert_ucf101.py", "--src", tmp_path / "videos", "--out_dir", out_dir, "--min_frames", 4,
                       "--no-tqdm", check=False)  # fmt: skip
     assert proc.returncode == 1, proc.stdout
     assert f"error: 1 of {len(VIDEOS) + 1} videos cannot be used:\n  {bad}: {case[3]}" in proc.stdout
@@ -226,15 +226,15 @@ def test_invalid_video(case, video_root, tmp_path, run_script):
     assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())  # no staging left over
 
 
-def test_invalid_videos_one_report_and_skip(video_root, tmp_path, run_script):
+def test_invalid_videos_one_report_and_skip(video_root, tmp_path, run_main):
     """All bad videos in one report, an earlier conversion left intact; --skip_invalid converts the rest."""
     root = tmp_path / "videos"
     bad = with_bad_videos(video_root, root, BAD_VIDEOS)
     out_dir = tmp_path / "out"
-    run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--no-tqdm")
+    run_main("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--no-tqdm")
     before = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*"))
 
-    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
+    proc = run_main("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
                       "--no-tqdm", check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stdout
     assert f"error: {len(bad)} of {len(VIDEOS) + len(bad)} videos cannot be used:" in proc.stdout
@@ -243,7 +243,7 @@ def test_invalid_videos_one_report_and_skip(video_root, tmp_path, run_script):
     assert sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")) == before  # untouched
     check_output(out_dir)
 
-    proc = run_script("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
+    proc = run_main("convert_ucf101.py", "--src", root, "--out_dir", out_dir, "--overwrite", "--min_frames", 4,
                       "--skip_invalid", "--no-tqdm")  # fmt: skip
     assert f"--skip_invalid: skipped {len(bad)} of {len(VIDEOS) + len(bad)} videos" in proc.stdout
     skipped = read_jsonl(out_dir / "skipped_videos.jsonl")
@@ -252,7 +252,7 @@ def test_invalid_videos_one_report_and_skip(video_root, tmp_path, run_script):
     check_output(out_dir, extra_files=["skipped_videos.jsonl"])  # the good videos keep consecutive ids
 
     # A clean conversion over it removes the stale list of skipped videos.
-    run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--overwrite", "--no-tqdm")
+    run_main("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--overwrite", "--no-tqdm")
     check_output(out_dir)
 
 
@@ -262,16 +262,16 @@ def test_min_frames_argument(capsys):
     assert "--min_frames must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_out_dir_not_empty(video_root, tmp_path, run_script):
+def test_out_dir_not_empty(video_root, tmp_path, run_main):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "ucf101_test.jsonl").write_text("stale\n")
     (out_dir / "images" / "old").mkdir(parents=True)
-    proc = run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, check=False)
+    proc = run_main("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, check=False)
     assert proc.returncode != 0 and "is not empty; pass --overwrite" in proc.stdout
     assert (out_dir / "ucf101_test.jsonl").read_text() == "stale\n"
 
-    run_script("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--overwrite", "--no-tqdm")
+    run_main("convert_ucf101.py", "--src", video_root, "--out_dir", out_dir, "--overwrite", "--no-tqdm")
     check_output(out_dir)  # the stale test split and images are gone
 
 

@@ -392,9 +392,13 @@ def test_lora_overfits(tiny_model_dir, processor):
     targets = phi3v.lora_target_modules(model)
     assert any("img_projection.0" in t for t in targets) and any(t.endswith("self_attn.q_proj") for t in targets)
     assert not any("encoder.layers.1." in t for t in targets)
+    torch.manual_seed(0)  # LoRA's A matrices are random: not whatever earlier tests left drawn
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    # Final loss under default, avx2, avx512 kernels: 0.011 (tiny model seed 0), 0.004 (seed 1); lr 3e-3 left 0.083.
-    losses = overfit(model, one_example(processor), steps=80, lr=5e-3)
+    # lr 5e-3 for 80 steps passed only from the RNG state a fresh process starts with: LoRA inits from seeds
+    # 0, 2, 3, 4, 5 ended at 0.98-1.9 (so the test failed after other tests had drawn numbers). At lr 2e-3 for
+    # 160 steps, init seeds 0, 1, 2, 4, 5 end at 0.015-0.018 (avx512), and seeds 0 and 1 at 0.0166 and 0.0151
+    # under the avx2 and default kernels too.
+    losses = overfit(model, one_example(processor), steps=160, lr=2e-3)
     assert losses[-1] < 0.1 < losses[0]
 
 
@@ -407,6 +411,7 @@ def test_4bit_qlora_overfits(tiny_model_dir, processor):
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     assert phi3v.fix_4bit_cpu_gradients(model) > 0
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(0)  # LoRA's A matrices are random: not whatever earlier tests left drawn
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=phi3v.lora_target_modules(model)))
     example = one_example(processor)
     with torch.no_grad():  # an eval forward first: the CPU repacking pitfall would corrupt gradients here

@@ -82,6 +82,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-phi3v"))
 
 
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny model in eval mode, loaded once per test module (a module may define its own)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    """The tiny model's processor (num_crops 4), once per test module (a module may define its own)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,16 +31,6 @@ def picture(width, height, seed=0):
     return image
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
 # ----------------------------------------------------------------------------------------------
 # Config
 

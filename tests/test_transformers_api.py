@@ -46,16 +46,6 @@ def own_random_state():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def one_image(processor):
     return processor(PROMPT, [picture(400, 300, 1)], num_crops=2)
 

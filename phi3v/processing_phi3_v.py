@@ -12,9 +12,12 @@ and PIL mode (tests/test_preprocessing_reference.py holds it to the official ste
 by one), but a portrait image is not turned (its resize runs as two single-axis resizes in the
 order PIL's two passes take on the turned image, see `pil_resize`), the padding is done in uint8,
 normalising is one table lookup per two pixels (a 65,536-entry table of float pairs per channel)
-and every image goes straight into its slots of the batch tensor. That leaves PIL's resize, which
-the output must match, as about two thirds of the cost (`python -m bench.preprocess` measures it
-against the step-by-step path).
+and every image goes straight into its slots of the batch tensor. The padded and normalised
+pictures live in per-thread buffers kept from call to call, and the batch tensor in memory numpy
+allocates (with transparent huge pages): fresh 4 KB pages for those 50 MB cost up to ~13,000 page
+faults a page at num_crops 16, as much CPU as normalising and cropping, depending on what the
+allocator happened to keep. That leaves PIL's resize, which the output must match, as about half
+of the cost (`python -m bench.preprocess` measures it against the step-by-step path).
 
 `resize_backend="torch"` (opt-in; saved in preprocessor_config.json) swaps PIL's resize for torch's
 uint8 antialiased bilinear resize, which follows PIL's algorithm in fixed point with a different
@@ -47,6 +50,7 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -245,6 +249,37 @@ def _normalised_pairs(image_mean: tuple, image_std: tuple) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.int64)[..., 0]
 
 
+class _ScratchBuffers(threading.local):
+    """Buffers that preprocessing reuses from image to image, one set per thread.
+
+    A page at num_crops 16 passes through a 5 MB uint8 picture and a 22 MB float one. Fresh
+    buffers of that size come from the kernel as zeroed pages, one fault per 4 KB page: ~13,000
+    faults a page, which cost as much CPU as normalising and cropping together (measured with
+    getrusage). Kept buffers are faulted in once. Neither buffer leaves `preprocess`. A thread keeps
+    the largest it needed: 5 bytes per pixel of the padded picture, at most 3 x num_crops x 336^2
+    pixels (27 MB at num_crops 16).
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, numel: int, dtype) -> np.ndarray:
+        """A flat array of `numel` elements, overwritten by the next call with the same name."""
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.size < numel:
+            buffer = self.buffers[name] = np.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
+_scratch = _ScratchBuffers()
+
+
+def _new_float_tensor(*shape: int) -> torch.Tensor:
+    """torch.empty(shape) in memory numpy allocates: numpy asks for transparent huge pages on large
+    arrays (madvise), so a fresh 23 MB pixel_values tensor takes a dozen page faults, not 5,600."""
+    return torch.from_numpy(np.empty(shape, dtype=np.float32))
+
+
 class Phi3VImagesKwargs(ImagesKwargs, total=False):
     # from_pretrained(path, **kwargs) hands these to __init__ (validated there) instead of setting them
     num_crops: int
@@ -316,8 +351,12 @@ class Phi3VImageProcessor(BaseImageProcessor):
         """
         return _normalised_pairs(tuple(self.image_mean), tuple(self.image_std))
 
-    def hd_transform(self, image: Image.Image, num_crops: int) -> torch.Tensor:
-        """One PIL image -> normalised, padded HD picture [3, H, W] (H and W multiples of 336)."""
+    def hd_transform(self, image: Image.Image, num_crops: int, reuse_buffer: bool = False) -> torch.Tensor:
+        """One PIL image -> normalised, padded HD picture [3, H, W] (H and W multiples of 336).
+
+        With `reuse_buffer` the picture lives in this thread's scratch buffer, which the next call
+        overwrites (what `preprocess` does: it copies the picture into the batch at once).
+        """
         # A grayscale page resized as one band equals its RGB conversion resized (PIL and torch
         # resample each band alone with the same integer weights), at a third of the cost.
         # convert() of an RGB image would only copy it. Every other mode takes the official
@@ -325,19 +364,27 @@ class Phi3VImageProcessor(BaseImageProcessor):
         if image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         new_w, new_h, padded_w, padded_h = hd_transform_size(image.width, image.height, num_crops)
-        if check_resize_backend(self.resize_backend) == "torch":
-            resized = self.torch_resize(image, new_w, new_h)
-        else:
-            resized = self.pil_resize(image, new_w, new_h)
         # Pad in uint8 (white, centred, the remainder at the bottom or right) and normalise the
         # padded picture in one lookup pass: normalised white is the table's entry for 255, so this
         # equals normalising after padding. padded_w is a multiple of 336, so rows pair up evenly.
         top, left = (padded_h - new_h) // 2, (padded_w - new_w) // 2
-        padded = np.full((3, padded_h, padded_w), 255, dtype=np.uint8)
+        padded = _scratch.get("padded", 3 * padded_h * padded_w, np.uint8).reshape(3, padded_h, padded_w)
+        padded.fill(255)
         inside = padded[:, top : top + new_h, left : left + new_w]
-        inside[...] = resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
-        hd = torch.empty(3, padded_h, padded_w)
-        out = hd.numpy()
+        if check_resize_backend(self.resize_backend) == "torch":
+            resized = self.torch_resize(image, new_w, new_h)
+            inside[...] = resized[None] if resized.ndim == 2 else resized.transpose(2, 0, 1)
+        else:
+            # PIL hands out each band as a copy of its rows, a fifth cheaper than transposing
+            # the interleaved RGB array; an L page has one band, which serves all three channels.
+            bands = [np.asarray(band) for band in self.pil_resize(image, new_w, new_h).split()]
+            for channel in range(3):
+                inside[channel] = bands[channel % len(bands)]
+        if reuse_buffer:
+            out = _scratch.get("hd", 3 * padded_h * padded_w, np.float32).reshape(3, padded_h, padded_w)
+        else:
+            out = np.empty((3, padded_h, padded_w), dtype=np.float32)
+        hd = torch.from_numpy(out)
         if sys.byteorder == "little":
             pairs = self.normalised_pairs()
             for channel in range(3):
@@ -350,9 +397,9 @@ class Phi3VImageProcessor(BaseImageProcessor):
         return hd
 
     @staticmethod
-    def pil_resize(image: Image.Image, width: int, height: int) -> np.ndarray:
-        """RGB or L PIL image -> uint8 [height, width, 3] or [height, width]: PIL's bilinear resize
-        as the official HD transform runs it, bit for bit, in every orientation.
+    def pil_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+        """RGB or L PIL image -> the same mode at width x height: PIL's bilinear resize as the
+        official HD transform runs it, bit for bit, in every orientation.
 
         The official code turns an image taller than wide on its side (Image.TRANSPOSE), resizes
         it and turns it back. PIL resizes in two passes, rounding to uint8 in between, so which
@@ -369,7 +416,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         """
         for size in resize_pass_sizes(image.width, image.height, width, height):
             image = image.resize(size, Image.BILINEAR)
-        return np.asarray(image)
+        return image
 
     @staticmethod
     def torch_resize(image: Image.Image, width: int, height: int) -> np.ndarray:
@@ -420,10 +467,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
             if not isinstance(image, Image.Image):
                 raise TypeError(f"Phi3VImageProcessor takes PIL images, got {type(image).__name__}")
         # Every image is written straight into its slots of the batch tensor (no stacking copy).
-        pixel_values = torch.empty(len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
+        pixel_values = _new_float_tensor(len(images), num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         image_sizes, tokens = [], []
         for image, slots in zip(images, pixel_values):
-            hd = self.hd_transform(image, num_crops)
+            hd = self.hd_transform(image, num_crops, reuse_buffer=True)
             self.crops(hd, num_crops, out=slots)
             image_sizes.append([hd.shape[1], hd.shape[2]])
             tokens.append(self.num_image_tokens(image.width, image.height, num_crops))

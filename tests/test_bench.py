@@ -261,6 +261,12 @@ def test_vs_official_ours_only_measures_and_draws_growth(tmp_path):
     assert all(s["loss"] > 0 and s["grad_norms"]["total"] > 0 and s["grad_norms"]["vision"] > 0 for s in ours["steps"])
     assert ours["training_memory_bytes"] > 0 and ours["tokens_per_cpu_s"] > 0
     assert ours["memory_kind"].startswith("VmHWM")
+    # --preprocess_repeats 0 measures no preprocessing: the table leaves that row out
+    from bench.vs_official import comparison_table
+
+    assert any(line.startswith("| preprocessing") for line in comparison_table(ours, None))
+    unmeasured = comparison_table({**ours, "preprocess_ms": None}, None)
+    assert len(unmeasured) == 5 and not any(line.startswith("| preprocessing") for line in unmeasured)
 
     assert main([*common, "--growth", "1,2", "--plot", str(tmp_path / "growth.png")]) == 0
     growth = json.loads((tmp_path / "growth.json").read_text())

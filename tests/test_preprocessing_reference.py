@@ -174,3 +174,36 @@ def test_the_order_matters_on_these_images():
     official = np.asarray(image.transpose(Image.TRANSPOSE).resize((2688, 597), Image.BILINEAR).transpose(Image.TRANSPOSE))
     assert official.shape == direct.shape == (2688, 597, 3)
     assert (direct != official).mean() > 0.1  # about a quarter of the values of noise
+
+
+def test_reused_buffers_leave_earlier_results_and_other_threads_alone():
+    """Preprocessing keeps its padded and normalised pictures in per-thread buffers between calls:
+    a result must not change when later images (larger, smaller, other orientation) are processed,
+    and threads working at once must each get what they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [rgb(900, 200, 40), rgb(200, 900, 41), rgb(425, 550, 42), rgb(30, 20, 43),
+              Image.fromarray(noise(400, 180, 44, bands=1))]
+    processor = Phi3VImageProcessor()
+    first = [processor([image], num_crops=16)["pixel_values"] for image in images]
+    kept = [tensor.clone() for tensor in first]
+    for image in reversed(images):
+        processor([image], num_crops=7)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    for image, tensor in zip(images, first):
+        assert torch.equal(tensor, official_preprocess([image], 16)[0])
+    # hd_transform's default result is the caller's own, not the shared buffer
+    own = processor.hd_transform(images[0], 16)
+    copy = own.clone()
+    processor.hd_transform(images[2], 16, reuse_buffer=True)
+    processor([images[2]], num_crops=16)
+    assert torch.equal(own, copy)
+
+    def work(index):
+        return [processor([images[(index + k) % len(images)]], num_crops=16)["pixel_values"] for k in range(10)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(work, range(8)))
+    for index, tensors in enumerate(results):
+        for k, tensor in enumerate(tensors):
+            assert torch.equal(tensor, kept[(index + k) % len(images)]), (index, k)

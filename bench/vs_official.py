@@ -79,6 +79,9 @@ def parse_args(argv=None):
     add("--malloc_mmap_threshold", type=int,
         help="set glibc's MALLOC_MMAP_THRESHOLD_ to this many bytes on both sides: blocks at least that large "
              "go back to the OS when freed, so peak RSS comes close to the peak of live tensors (slower)")
+    add("--ours_without_checkpointing", action="store_true",
+        help="run the project's side without gradient checkpointing (the official side keeps it): how fast the "
+             "project gets when nothing is recomputed, at the memory that costs; not the targets' workload")
     add("--plot", help="--growth: PNG to draw (default OUTPUT_DIR/growth_DEVICE.png)")
     add("--output_dir", default="outputs/vs_official")
     add("--seed", type=int, default=0)
@@ -173,7 +176,8 @@ def run_side(args, side: str, model_dir: Path, samples: list[dict], name: str, o
     runs.mkdir(parents=True, exist_ok=True)
     cfg = dict(side=side, model_dir=str(model_dir), device=args.device, dtype=args.dtype, seed=args.seed,
                attn=args.attn if side == "ours" else args.official_attn, threads=args.threads,
-               num_crops=args.num_crops, samples=samples, warmup=warmup, preprocess_repeats=preprocess_repeats)
+               num_crops=args.num_crops, samples=samples, warmup=warmup, preprocess_repeats=preprocess_repeats,
+               gradient_checkpointing=not (side == "ours" and args.ours_without_checkpointing))
     config_path, result_path, log_path = (runs / f"{name}.config.json", runs / f"{name}.json", runs / f"{name}.log")
     config_path.write_text(json.dumps(cfg, indent=2))
     result_path.unlink(missing_ok=True)
@@ -311,6 +315,9 @@ def compare(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict
              f"Memory: {ours['memory_kind']}"
              + (f", with MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} on both sides" if args.malloc_mmap_threshold
                 else ", glibc's default allocator settings") + ".", ""]
+    if args.ours_without_checkpointing:
+        lines += ["**The project's side ran without gradient checkpointing** (--ours_without_checkpointing), the "
+                  "official side with it: not the workload the targets are set on.", ""]
     lines += comparison_table(ours, official)
     if official is not None and "error" not in official:
         check = numerics(ours, official)

@@ -89,7 +89,7 @@ def load_ours(cfg: dict):
 
     def model_loader():
         run = dict(strategy="full", attn=cfg["attn"], device=cfg["device"], model_dir=cfg["model_dir"],
-                   gradient_checkpointing=True, all_slots=False)
+                   gradient_checkpointing=cfg.get("gradient_checkpointing", True), all_slots=False)
         return load_model(run, getattr(torch, cfg["dtype"]))
 
     def image_processor(image):
@@ -240,6 +240,7 @@ def run(cfg: dict) -> dict:
     return {
         "side": cfg["side"],
         "attn": cfg["attn"],
+        "gradient_checkpointing": cfg.get("gradient_checkpointing", True),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),

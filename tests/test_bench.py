@@ -268,6 +268,16 @@ def test_vs_official_ours_only_measures_and_draws_growth(tmp_path):
     unmeasured = comparison_table({**ours, "preprocess_ms": None}, None)
     assert len(unmeasured) == 5 and not any(line.startswith("| preprocessing") for line in unmeasured)
 
+    # Without checkpointing (the speed when nothing is recomputed): the same losses and gradients
+    assert main([*common, "--preprocess_repeats", "0", "--ours_without_checkpointing",
+                 "--output_dir", str(tmp_path / "no_checkpointing")]) == 0
+    plain = json.loads((tmp_path / "no_checkpointing" / "compare.json").read_text())
+    assert ours["gradient_checkpointing"] and not plain["ours"]["gradient_checkpointing"]
+    assert "without gradient checkpointing" in plain["markdown"]
+    for checkpointed, recorded in zip(ours["steps"], plain["ours"]["steps"]):
+        assert recorded["loss"] == pytest.approx(checkpointed["loss"], rel=1e-6)
+        assert recorded["grad_norms"]["total"] == pytest.approx(checkpointed["grad_norms"]["total"], rel=1e-6)
+
     assert main([*common, "--growth", "1,2", "--plot", str(tmp_path / "growth.png")]) == 0
     growth = json.loads((tmp_path / "growth.json").read_text())
     one, two = growth["rows"]["ours"]

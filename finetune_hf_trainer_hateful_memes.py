@@ -117,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
     model.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
-        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.2x "
+        "(portrait) to 1.4x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
         "values. Saved with the processor.")
 
     data = parser.add_argument_group("data")

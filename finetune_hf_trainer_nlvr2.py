@@ -95,8 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_crops", type=int, default=16, help="max 336x336 crops per image (1..16)")
     parser.add_argument("--resize_backend", choices=["pil", "torch"], default=None,
         help="resize in the HD transform (default: the model folder's setting, pil): pil is bit-identical to "
-        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.6x "
-        "(portrait) to 1.9x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
+        "the official processor; torch (uint8 antialiased bilinear, in the same pass order) makes preprocessing 1.2x "
+        "(portrait) to 1.4x (landscape) faster on RGB pages, within one uint8 level of pil on ~0.02%% of a page's pixel "
         "values. Saved with the processor.")
     # LoRA / QLoRA
     parser.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of the full model")

@@ -22,7 +22,7 @@ of the cost (`python -m bench.preprocess` measures it against the step-by-step p
 `resize_backend="torch"` (opt-in; saved in preprocessor_config.json) swaps PIL's resize for torch's
 uint8 antialiased bilinear resize, which follows PIL's algorithm in fixed point with a different
 rounding, in the same pass order: on a 1700x2200 RGB page at num_crops 16 the whole preprocessing
-is 1.6x faster (portrait; the resize 2.0x) to 1.9x (the page turned to landscape; the resize 2.9x),
+is 1.2x faster (portrait; the resize 1.3x) to 1.4x (the page turned to landscape; the resize 1.7x),
 and 0.020 % of the values of either page are off by one uint8 level (random noise: 0.23 %). After
 normalising that is at most 1/255/std = 0.015 in the crops and 0.028 in the bicubic global crop
 (measured: 0.015 and 0.023). Everything else is the same code.
@@ -298,7 +298,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         num_img_tokens (`int`): tokens per crop after the 2x2 merge (144).
         resize_backend (`str`, defaults to "pil"): the bilinear resize of the HD transform. "pil" is
             PIL's, bit-identical to the official processor; "torch" is torch's uint8 antialiased
-            bilinear, making preprocessing 1.6x (portrait) to 1.9x (landscape) faster on RGB pages,
+            bilinear, making preprocessing 1.2x (portrait) to 1.4x (landscape) faster on RGB pages,
             within one uint8 level of PIL's on two values in ten thousand of a page (for dataloader
             workers that cannot keep up).
     """

@@ -21,7 +21,9 @@ features are written into those positions in row-major order over (batch, sequen
 Differences from the official remote code, none of which changes a number:
 
 * Only the real crops (1 + h*w of each image's num_crops + 1 slots) go through CLIP, in one batch
-  for all images; the official code also encodes the zero padding crops and throws them away.
+  for all images; the official code also encodes the zero padding crops and throws them away. An
+  image that repeats an earlier one of the batch exactly (DPO's chosen and rejected rows) is encoded
+  once and its features used for both.
 * CLIP runs only the layers the features need (23 of 24 for layer_idx -2). The last layer and the
   post-layernorm stay in the checkpoint but get `requires_grad=False`, since they never receive a
   gradient (this is what lets DDP run without `find_unused_parameters`).
@@ -196,13 +198,20 @@ class Phi3VImageEmbedding(nn.Module):
         # Encode only the real crops, in one CLIP batch: the global crops of all images first, then
         # the rows*cols sub-crops of each image. One `split` hands the features back out (its
         # backward is a single concatenation; indexing per image would allocate a gradient the
-        # size of the whole batch once per image).
+        # size of the whole batch once per image). An image that is an exact copy of an earlier one
+        # in the batch (DPO's chosen and rejected rows carry the same images) reuses its features.
         sub_counts = [rows * cols for rows, cols in grids]
-        sub_crops = [pixel_values[i, 1 : 1 + count] for i, count in enumerate(sub_counts)]
-        features = self._merge_2x2(self.crop_features(torch.cat([pixel_values[:, 0], *sub_crops])))
-        global_features, *sub_features = features.split([len(grids), *sub_counts])
+        first_copy = self._first_copies(pixel_values, grids, sub_counts)
+        encoded = sorted(set(first_copy))
+        global_crops = pixel_values[:, 0] if len(encoded) == len(grids) else pixel_values[encoded, 0]
+        sub_crops = [pixel_values[i, 1 : 1 + sub_counts[i]] for i in encoded]
+        features = self._merge_2x2(self.crop_features(torch.cat([global_crops, *sub_crops])))
+        global_features, *sub_features = features.split([len(encoded), *(sub_counts[i] for i in encoded)])
         side = global_features.shape[1]
         global_tokens = self._with_row_separators(global_features).unbind(0)
+        slot = {image: k for k, image in enumerate(encoded)}
+        sub_features = [sub_features[slot[i]] for i in first_copy]
+        global_tokens = [global_tokens[slot[i]] for i in first_copy]
 
         tokens = []
         glb_gn = self.glb_GN.reshape(1, -1)
@@ -215,6 +224,29 @@ class Phi3VImageEmbedding(nn.Module):
         # dtype only: under a device_map, accelerate's hook brings the input to the projector's device
         # (an offloaded projector's own weights are on "meta" until then).
         return self.img_projection(projection_in.to(self.img_projection[0].bias.dtype))
+
+    # Encode an image that repeats an earlier one of the batch once (see `_first_copies`).
+    encode_repeated_images_once = True
+
+    def _first_copies(self, pixel_values: torch.Tensor, grids: list, sub_counts: list) -> list[int]:
+        """For each image, the index of the first image of the batch with the same crops (its own if none).
+
+        A repeated image gives the same features, so CLIP runs on it once and its tokens are used twice;
+        the gradients that reach those features add up, as those of two encodings would. Candidates
+        share the crop grid and a sum over a sample of their pixels; `torch.equal` then decides. Not
+        with dropout in CLIP's attention, where two encodings would be two different draws."""
+        count = len(grids)
+        dropout = self.training and any(layer.self_attn.dropout for layer in self.vision_tower.encoder.layers)
+        if count < 2 or not self.encode_repeated_images_once or dropout:
+            return list(range(count))
+        sample = pixel_values.reshape(count, -1)[:, ::997].float().sum(-1).tolist()
+        first_copy = []
+        for i, grid in enumerate(grids):
+            real = 1 + sub_counts[i]
+            match = next((j for j in range(i) if first_copy[j] == j and grids[j] == grid and sample[j] == sample[i]
+                          and torch.equal(pixel_values[j, :real], pixel_values[i, :real])), i)
+            first_copy.append(match)
+        return first_copy
 
     def vision_anchor(self) -> torch.Tensor:
         """A zero that depends on every trainable vision parameter (for batches without images)."""

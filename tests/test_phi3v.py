@@ -496,3 +496,40 @@ def test_checkpointing_keeps_attention_outputs_with_the_same_gradients(tiny_mode
     reentrant = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     reentrant.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     assert "context_fn" not in reentrant.model.layers[0]._gradient_checkpointing_func.keywords
+
+
+def test_repeated_images_are_encoded_once_with_the_same_loss_and_gradients(tiny_model_dir, processor, monkeypatch):
+    """A batch as the DPO recipe builds it (the pairs' images, then the same images again for the rejected
+    rows): CLIP encodes each distinct image once, and the loss and every gradient equal those of encoding
+    every copy. An image one pixel away from another is its own image."""
+    from phi3v import modeling_phi3_v
+
+    first, second = picture(500, 300, 11), picture(300, 700, 12)
+    prompts = ["<|user|>\n<|image_1|>\n<|image_2|>\nWhich?<|end|>\n<|assistant|>\nThe first one<|end|>",
+               "<|user|>\n<|image_1|>\n<|image_2|>\nWhich?<|end|>\n<|assistant|>\nNeither<|end|>"]
+    batch = processor(text=prompts, images=[[first, second], [first, second]], padding=True, num_crops=4)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).masked_fill(batch["input_ids"] < 0, -100)
+    crops = sum(1 + (h // 336) * (w // 336) for h, w in batch["image_sizes"][:2].tolist())
+
+    def run(once: bool, pixel_values):
+        monkeypatch.setattr(modeling_phi3_v.Phi3VImageEmbedding, "encode_repeated_images_once", once)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+        tower = model.model.vision_embed_tokens.vision_tower
+        encoded = []
+        original = tower.hidden_state
+        tower.hidden_state = lambda pixels, layers: encoded.append(len(pixels)) or original(pixels, layers)
+        loss = model(**{**batch, "pixel_values": pixel_values}, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, sum(encoded)
+
+    loss_once, grads_once, encoded_once = run(True, batch["pixel_values"])
+    loss_each, grads_each, encoded_each = run(False, batch["pixel_values"])
+    assert (encoded_once, encoded_each) == (crops, 2 * crops)
+    torch.testing.assert_close(loss_once, loss_each, rtol=1e-6, atol=0)
+    assert grads_once.keys() == grads_each.keys()
+    for name, grad in grads_each.items():
+        torch.testing.assert_close(grads_once[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    nudged = batch["pixel_values"].clone()
+    nudged[3, 2, 1, 100, 100] += 0.5  # the second row's second image, one value in one sub-crop
+    assert run(True, nudged)[2] == crops + 1 + (batch["image_sizes"][3] // 336).prod().item()

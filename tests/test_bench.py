@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi3v
@@ -278,10 +281,15 @@ def test_vs_official_ours_only_measures_and_draws_growth(tmp_path):
         assert recorded["loss"] == pytest.approx(checkpointed["loss"], rel=1e-6)
         assert recorded["grad_norms"]["total"] == pytest.approx(checkpointed["grad_norms"]["total"], rel=1e-6)
 
-    assert main([*common, "--growth", "1,2", "--plot", str(tmp_path / "growth.png")]) == 0
+    assert main([*common, "--growth", "1,5", "--plot", str(tmp_path / "growth.png")]) == 0
     growth = json.loads((tmp_path / "growth.json").read_text())
-    one, two = growth["rows"]["ours"]
-    assert (one["pages"], two["pages"]) == (1, 2) and two["tokens"] > one["tokens"]
+    one, five = growth["rows"]["ours"]
+    assert (one["pages"], five["pages"]) == (1, 5) and five["tokens"] > one["tokens"]
+    # past four pages the sizes repeat but the pictures do not (phi3v would encode a repeated one once)
+    pages = json.loads((tmp_path / "runs" / "growth-ours-5p-0.config.json").read_text())["samples"][0]["pages"]
+    assert len(set(pages)) == 5 and Path(pages[4]).name == "page_340x440_1.png"
+    assert Image.open(pages[4]).size == Image.open(pages[0]).size
+    assert not np.array_equal(np.asarray(Image.open(pages[4])), np.asarray(Image.open(pages[0])))
     assert "ours_memory_fit" in growth and (tmp_path / "growth.png").stat().st_size > 10_000
 
 

@@ -24,7 +24,11 @@ per page (one thread, the exact path: ours with resize_backend="pil", best of --
 training tokens/s (wall clock) and tokens per CPU-second (the speed target's measure), and the peak training memory above the
 loaded model, for both sides with the ratios, then the issue's targets as PASS/FAIL.
 
---growth 1,2,4,8 instead puts that many pages in one sample (the four sizes in turn) and measures
+--ours_without_checkpointing runs the project's side without gradient checkpointing (the official
+side keeps it): the project's speed with nothing recomputed, not the targets' workload.
+
+--growth 1,2,4,8 instead puts that many pages in one sample (the four sizes in turn; past the
+fourth, other pictures of the same sizes, since phi3v encodes a repeated picture once) and measures
 one training step per page count and side, each in a fresh process capped at --time_cap seconds and
 --memory_cap GB (the process is stopped past either), best step time of --repeats runs; it stops a
 side at the first page count that does not fit, draws peak memory and step time against tokens to

@@ -130,17 +130,17 @@ def prepare_model(args, out: Path) -> tuple[Path, Path | None]:
     return model_dir, official_dir
 
 
-def prepare_pages(args, out: Path, round_: int = 0) -> list[dict]:
+def prepare_pages(args, out: Path, variant: int = 0) -> list[dict]:
     """The four pages as PNG files, each with a question and an answer. Round r > 0 gives four more pages of
     the same sizes with other content, for samples of more than four pages: a repeated page would be
     encoded once by phi3v (see Phi3VImageEmbedding._first_copies) and twice by the official code."""
     from .workloads import WORDS, document_page
 
-    rng = random.Random(args.seed if round_ == 0 else f"{args.seed}-{round_}")
+    rng = random.Random(args.seed if variant == 0 else f"{args.seed}-{variant}")
     pages = []
     for width, height in PAGE_SIZES:
         width, height = round(width * args.page_scale), round(height * args.page_scale)
-        path = out / "pages" / f"page_{width}x{height}{f'_{round_}' if round_ else ''}.png"
+        path = out / "pages" / f"page_{width}x{height}{f'_{variant}' if variant else ''}.png"
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(5, 18))).capitalize() + "?"
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 5)))
         if not path.exists():
@@ -157,9 +157,9 @@ def one_page_samples(pages: list[dict]) -> list[dict]:
              "pages": [p["path"]]} for p in pages]
 
 
-def multi_page_sample(rounds: list[list[dict]], count: int) -> dict:
+def multi_page_sample(variants: list[list[dict]], count: int) -> dict:
     """One sample of `count` pages: the four sizes in turn, each page a different picture."""
-    chosen = [rounds[i // len(rounds[0])][i % len(rounds[0])] for i in range(count)]
+    chosen = [variants[i // len(variants[0])][i % len(variants[0])] for i in range(count)]
     tags = "".join(f"<|image_{k}|>" for k in range(1, count + 1))
     return {"prompt": f"<|user|>\n{tags}\n{chosen[0]['question']}<|end|>\n<|assistant|>\n",
             "answer": chosen[0]["answer"], "pages": [p["path"] for p in chosen]}
@@ -366,7 +366,7 @@ def compare(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict
 
 def growth(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict:
     counts = [int(c) for c in args.growth.split(",") if c]
-    rounds = [prepare_pages(args, out, r) for r in range(math.ceil(max(counts) / len(PAGE_SIZES)))]
+    variants = [prepare_pages(args, out, v) for v in range(math.ceil(max(counts) / len(PAGE_SIZES)))]
     sides = [("ours", model_dir)] + ([("official", official_dir)] if official_dir is not None else [])
     meta = {"device": args.device, "model_size": args.model_size, "num_crops": args.num_crops, "threads": args.threads,
             "time_cap_s": args.time_cap, "memory_cap_gb": args.memory_cap, "repeats": args.repeats,
@@ -374,7 +374,7 @@ def growth(args, out: Path, model_dir: Path, official_dir: Path | None) -> dict:
     rows = {side: [] for side, _ in sides}
     for side, folder in sides:
         for count in counts:
-            sample = multi_page_sample(rounds, count)
+            sample = multi_page_sample(variants, count)
             runs = [run_side(args, side, folder, [sample], f"growth-{side}-{count}p-{r}", out, False, 0)
                     for r in range(args.repeats)]
             good = [r for r in runs if "error" not in r]

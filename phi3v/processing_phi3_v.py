@@ -276,7 +276,8 @@ _scratch = _ScratchBuffers()
 
 def _new_float_tensor(*shape: int) -> torch.Tensor:
     """torch.empty(shape) in memory numpy allocates: numpy asks for transparent huge pages on large
-    arrays (madvise), so a fresh 23 MB pixel_values tensor takes a dozen page faults, not 5,600."""
+    arrays (madvise), so where the kernel grants them a fresh 23 MB pixel_values tensor takes a few
+    dozen page faults instead of 5,600."""
     return torch.from_numpy(np.empty(shape, dtype=np.float32))
 
 

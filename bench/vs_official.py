@@ -131,7 +131,7 @@ def prepare_model(args, out: Path) -> tuple[Path, Path | None]:
 
 
 def prepare_pages(args, out: Path, variant: int = 0) -> list[dict]:
-    """The four pages as PNG files, each with a question and an answer. Round r > 0 gives four more pages of
+    """The four pages as PNG files, each with a question and an answer. Variant v > 0 gives four more pages of
     the same sizes with other content, for samples of more than four pages: a repeated page would be
     encoded once by phi3v (see Phi3VImageEmbedding._first_copies) and twice by the official code."""
     from .workloads import WORDS, document_page
